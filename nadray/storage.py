@@ -1,0 +1,123 @@
+"""Local paths and ``s3://`` URIs behind one small API.
+
+Every stage reads and writes through these helpers, so the same command works on
+a laptop folder and on an S3 bucket. S3 goes through s3fs; endpoint and keys come
+from the standard AWS variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``), so MinIO or SeaweedFS need nothing
+else. Credentials are never taken from config files or the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow.fs as pafs
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def _s3_fs() -> fsspec.AbstractFileSystem:
+    import s3fs
+
+    client_kwargs: dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        client_kwargs["region_name"] = region
+    # skip_instance_cache: a test (or a long job) may change the endpoint between calls.
+    return s3fs.S3FileSystem(client_kwargs=client_kwargs, skip_instance_cache=True)
+
+
+def get_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``uri`` and the path inside it (no scheme)."""
+    uri = str(uri)
+    if is_s3(uri):
+        return _s3_fs(), uri[len("s3://") :].rstrip("/")
+    return fsspec.filesystem("file"), os.path.abspath(uri)
+
+
+def arrow_fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and path for ``uri``, for pyarrow.dataset and Ray Data."""
+    fs, path = get_fs(uri)
+    if is_s3(uri):
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    return pafs.LocalFileSystem(), path
+
+
+def join(uri: str, *parts: str) -> str:
+    uri = str(uri)
+    if is_s3(uri):
+        return posixpath.join(uri.rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+def exists(uri: str) -> bool:
+    fs, path = get_fs(uri)
+    return fs.exists(path)
+
+
+def makedirs(uri: str) -> None:
+    fs, path = get_fs(uri)
+    if not is_s3(uri):  # S3 has no folders; prefixes appear with their first object
+        fs.makedirs(path, exist_ok=True)
+
+
+def ls(uri: str) -> list[str]:
+    """Names (not paths) directly under ``uri``; empty when it does not exist."""
+    fs, path = get_fs(uri)
+    if not fs.exists(path):
+        return []
+    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = get_fs(uri)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write so that readers see the old object or the whole new one, never a part.
+
+    Locally: a temporary file in the same folder, then ``os.replace``. On S3 a
+    single PUT is already atomic.
+    """
+    fs, path = get_fs(uri)
+    if is_s3(uri):
+        with fs.open(path, "wb") as f:
+            f.write(data)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri).decode("utf-8"))
+
+
+def write_json_atomic(uri: str, obj: Any) -> None:
+    write_bytes_atomic(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"))
+
+
+def rm(uri: str, recursive: bool = False) -> None:
+    fs, path = get_fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
