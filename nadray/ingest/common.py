@@ -1,0 +1,481 @@
+"""Shared machinery of the ingest adapters: record splitting, vectorised field
+validation, label normalisation and assembly of canonical tables.
+
+Every text adapter works the same way:
+
+1. ``split_records`` cuts the decoded bytes into data records (header and
+   comment lines excluded), checks each record's field count and text encoding,
+   and hands the records that pass to ``pyarrow.csv`` as all-string columns.
+   Records that fail go to quarantine with their 0-based index among data records.
+2. The adapter converts string columns with the ``Validator`` helpers below
+   (Arrow compute kernels over whole columns). A value that breaks a rule marks
+   its row; only those rows are looked at one by one, to write the reason
+   (``field 'orig_bytes': expected a non-negative integer, got '-5'``).
+3. ``assemble`` builds the ``FLOW_SCHEMA`` table from the good rows and the
+   ``QUARANTINE_SCHEMA`` table from the bad ones.
+
+So every record ends either in the flows table or in the quarantine table, and
+``read == len(flows) + len(quarantine rows with a source_row)``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from nadray.errors import InputError
+from nadray.schema import FLOW_SCHEMA, MAX_TS_US, MIN_TS_US, QUARANTINE_SCHEMA, TS_TYPE
+
+PROTO_NAMES = {1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 41: "ipv6", 47: "gre", 50: "esp", 58: "ipv6-icmp", 132: "sctp"}
+
+
+@dataclass
+class ReadResult:
+    """What one input parsed into: canonical flows, quarantined records, counts.
+
+    ``read`` counts the data records of the input (for pcap: flows from the flow
+    meter); ``read == flows.num_rows + (quarantine rows that have a source_row)``.
+    A whole-file note (e.g. a truncated capture) is a quarantine row with a null
+    ``source_row`` and is not a record.
+    """
+
+    flows: pa.Table
+    quarantine: pa.Table
+    read: int
+    format: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def quarantined(self) -> int:
+        """Records (not whole-file notes) that went to quarantine."""
+        if self.quarantine.num_rows == 0:
+            return 0
+        return int(pc.sum(pc.is_valid(self.quarantine["source_row"])).as_py() or 0)
+
+
+def now_utc() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass
+class Records:
+    """Data records of a delimited text input that passed the field-count check."""
+
+    columns: list[str]
+    table: pa.Table  # all-string columns, one row per good record
+    rows: np.ndarray  # int64 source_row of each good record
+    lines: list[bytes]  # the raw text of each good record (for quarantine)
+    bad: list[tuple[int, str, str]]  # (source_row, raw, reason) of records failing the split
+    read: int  # number of data records
+
+
+def decode_raw(line: bytes) -> str:
+    return line.decode("utf-8", errors="replace")
+
+
+def strip_bom(data: bytes) -> bytes:
+    return data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+
+
+def split_lines(data: bytes) -> list[bytes]:
+    """Lines of ``data`` without their line ends (LF or CRLF)."""
+    data = strip_bom(data)
+    if b"\r\n" in data:
+        data = data.replace(b"\r\n", b"\n")
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return lines
+
+
+def split_records(
+    lines: Sequence[bytes],
+    columns: list[str],
+    sep: bytes,
+    what: str,
+) -> Records:
+    """Check the field count of each data line and parse the good ones as strings.
+
+    ``lines`` are the data records only (blank lines, headers and comments
+    already removed by the adapter). A line whose field count differs from
+    ``len(columns)``, that holds a bare carriage return, or that is not UTF-8 is
+    quarantined with the reason.
+    """
+    n = len(columns)
+    want = n - 1
+    bad: list[tuple[int, str, str]] = []
+    counts = [ln.count(sep) for ln in lines]
+    good_idx = [i for i, c in enumerate(counts) if c == want]
+    if len(good_idx) != len(lines):
+        good_set = set(good_idx)
+        for i, ln in enumerate(lines):
+            if i not in good_set:
+                got = counts[i] + 1
+                kind = "truncated line" if got < n else "too many fields"
+                bad.append((i, decode_raw(ln), f"{kind}: expected {n} {what} fields, got {got}"))
+    good = [lines[i] for i in good_idx]
+    blob = b"\n".join(good)
+    # pyarrow.csv would split a record at a bare CR, and rejects invalid UTF-8
+    # for the whole file: find those records first (rare, so per line).
+    drop: set[int] = set()
+    if b"\r" in blob:
+        for k, ln in enumerate(good):
+            if b"\r" in ln:
+                drop.add(k)
+                bad.append((good_idx[k], decode_raw(ln), "record holds a bare carriage return"))
+    try:
+        blob.decode("utf-8")
+    except UnicodeDecodeError:
+        for k, ln in enumerate(good):
+            if k in drop:
+                continue
+            try:
+                ln.decode("utf-8")
+            except UnicodeDecodeError as e:
+                drop.add(k)
+                bad.append((good_idx[k], decode_raw(ln), f"record is not UTF-8 text ({e.reason} at byte {e.start})"))
+    if drop:
+        good_idx = [g for k, g in enumerate(good_idx) if k not in drop]
+        good = [ln for k, ln in enumerate(good) if k not in drop]
+        blob = b"\n".join(good)
+    table = _read_strings(blob, columns, sep, len(good))
+    bad.sort()
+    return Records(columns, table, np.asarray(good_idx, dtype=np.int64), good, bad, len(lines))
+
+
+def _read_strings(blob: bytes, columns: list[str], sep: bytes, expected: int) -> pa.Table:
+    if expected == 0:
+        return pa.table({c: pa.array([], pa.string()) for c in columns})
+    # Unique internal names: sources may repeat a column name.
+    names = [f"c{i}" for i in range(len(columns))]
+    table = pacsv.read_csv(
+        io.BytesIO(blob + b"\n"),
+        read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 24),
+        parse_options=pacsv.ParseOptions(
+            delimiter=sep.decode(), quote_char=False, escape_char=False,
+            newlines_in_values=False, ignore_empty_lines=False,
+        ),
+        convert_options=pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in names}, strings_can_be_null=False,
+            null_values=[], quoted_strings_can_be_null=False,
+        ),
+    )
+    if table.num_rows != expected:  # pragma: no cover - guarded by the field-count check
+        raise InputError(f"internal: parsed {table.num_rows} records, expected {expected}")
+    return table.rename_columns(columns) if len(set(columns)) == len(columns) else table
+
+
+# ------------------------------------------------------------------------ validation
+
+
+class Validator:
+    """Converts string columns to typed columns, marking rows whose value breaks a rule.
+
+    ``errors[i]`` holds the reason of the first failing field of row ``i``; rows
+    without an entry are good. Conversions run as Arrow kernels over whole
+    columns; Python only formats the reasons of failing rows.
+    """
+
+    def __init__(self, n: int):
+        self.n = n
+        self.errors: dict[int, str] = {}
+
+    # -- bookkeeping
+    def fail(self, mask: pa.Array | np.ndarray, name: str, rule: str, values: pa.Array | Sequence) -> None:
+        m = np.asarray(mask.to_numpy(zero_copy_only=False) if isinstance(mask, (pa.Array, pa.ChunkedArray)) else mask)
+        if m.dtype != bool:
+            m = m.astype(bool)
+        idx = np.flatnonzero(m)
+        for i in idx.tolist():
+            if i not in self.errors:
+                v = values[i]
+                v = v.as_py() if hasattr(v, "as_py") else v
+                self.errors[i] = f"field '{name}': expected {rule}, got {v!r}"
+
+    def good_mask(self) -> np.ndarray:
+        m = np.ones(self.n, dtype=bool)
+        if self.errors:
+            m[list(self.errors)] = False
+        return m
+
+    # -- helpers
+    @staticmethod
+    def _null_mask(arr: pa.Array, nulls: Iterable[str]) -> pa.Array:
+        nulls = list(nulls)
+        if not nulls:
+            return pc.is_null(arr)
+        return pc.or_kleene(pc.is_null(arr), pc.is_in(arr, value_set=pa.array(nulls, pa.string())))
+
+    def required(self, arr: pa.Array, name: str, nulls: Iterable[str] = ("", "-")) -> pa.Array:
+        """A non-empty string; nulls break the 'required' rule."""
+        arr = pc.utf8_trim_whitespace(arr)
+        isnull = self._null_mask(arr, nulls)
+        self.fail(isnull, name, "a value (required field)", arr)
+        return arr
+
+    def optional_str(self, arr: pa.Array, nulls: Iterable[str] = ("", "-")) -> pa.Array:
+        arr = pc.utf8_trim_whitespace(arr)
+        return pc.if_else(self._null_mask(arr, nulls), pa.scalar(None, pa.string()), arr)
+
+    def integer(self, arr: pa.Array, name: str, nulls: Iterable[str] = ("", "-"), lo: int = 0,
+                hi: int | None = None, hex_ok: bool = False, out: pa.DataType = pa.int64(),
+                required: bool = False) -> pa.Array:
+        """Non-negative integer (decimal, optionally ``0x`` hex) in [lo, hi]; null values allowed."""
+        arr = pc.utf8_trim_whitespace(arr)
+        isnull = self._null_mask(arr, nulls)
+        rule = "a non-negative integer" if hi is None else f"an integer in {lo}..{hi}"
+        if required:
+            self.fail(isnull, name, rule + " (required field)", arr)
+        dec = pc.match_substring_regex(arr, r"^\+?[0-9]{1,18}$")
+        if hex_ok:
+            hexm = pc.match_substring_regex(arr, r"^0[xX][0-9a-fA-F]{1,15}$")
+            ok = pc.or_(dec, hexm)
+        else:
+            hexm = None
+            ok = dec
+        self.fail(pc.and_(pc.invert(isnull), pc.invert(ok)), name, rule, arr)
+        vals = pc.if_else(dec, arr, pa.scalar(None, pa.string())).cast(pa.int64())
+        if hexm is not None and pc.any(hexm).as_py():
+            hv = [int(s, 16) if (m and s is not None) else None
+                  for s, m in zip(arr.to_pylist(), hexm.to_pylist())]
+            vals = pc.coalesce(vals, pa.array(hv, pa.int64()))
+        bad_range = pc.less(vals, lo)
+        if hi is not None:
+            bad_range = pc.or_(bad_range, pc.greater(vals, hi))
+        self.fail(pc.fill_null(bad_range, False), name, rule, arr)
+        vals = pc.if_else(pc.fill_null(bad_range, False), pa.scalar(None, pa.int64()), vals)
+        return vals.cast(out)
+
+    def number(self, arr: pa.Array, name: str, nulls: Iterable[str] = ("", "-"),
+               allow_negative: bool = False) -> pa.Array:
+        """A finite float (non-negative unless allowed); nulls allowed."""
+        arr = pc.utf8_trim_whitespace(arr)
+        isnull = self._null_mask(arr, nulls)
+        rule = "a finite number" if allow_negative else "a finite non-negative number"
+        ok = pc.match_substring_regex(arr, r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?$")
+        self.fail(pc.and_(pc.invert(isnull), pc.invert(ok)), name, rule, arr)
+        vals = pc.if_else(ok, arr, pa.scalar(None, pa.string())).cast(pa.float64())
+        bad = pc.invert(pc.is_finite(vals))
+        if not allow_negative:
+            bad = pc.or_(bad, pc.less(vals, 0))
+        bad = pc.fill_null(bad, False)
+        self.fail(bad, name, rule, arr)
+        return pc.if_else(bad, pa.scalar(None, pa.float64()), vals)
+
+    def check_ts(self, us: pa.Array, name: str, raw: pa.Array | Sequence, required: bool = True) -> pa.Array:
+        """Range-check microsecond timestamps (int64) against schema.MIN_TS_US/MAX_TS_US."""
+        out_of_range = pc.fill_null(pc.or_(pc.less(us, MIN_TS_US), pc.greater_equal(us, MAX_TS_US)), False)
+        self.fail(out_of_range, name, "a timestamp between 1970-01-01 and 2100-01-01", raw)
+        us = pc.if_else(out_of_range, pa.scalar(None, pa.int64()), us)
+        if required:
+            self.fail(pc.is_null(us), name, "a timestamp (required field)", raw)
+        return us
+
+    def epoch_seconds(self, arr: pa.Array, name: str, nulls: Iterable[str] = ("", "-"),
+                      iso_ok: bool = False) -> pa.Array:
+        """Epoch seconds (``1540469303.123456``) to int64 microseconds; ISO 8601 strings when ``iso_ok``."""
+        arr = pc.utf8_trim_whitespace(arr)
+        isnull = self._null_mask(arr, nulls)
+        num = pc.match_substring_regex(arr, r"^[0-9]{1,12}(\.[0-9]*)?([eE][+-]?[0-9]{1,2})?$")
+        f = pc.if_else(num, arr, pa.scalar(None, pa.string())).cast(pa.float64())
+        us = pc.round(pc.multiply(f, 1e6)).cast(pa.int64())
+        rule = "epoch seconds or an ISO 8601 time" if iso_ok else "epoch seconds"
+        other = pc.and_(pc.invert(isnull), pc.invert(num))
+        if iso_ok and pc.any(other).as_py():
+            parsed = [parse_iso_us(s) if o else None for s, o in zip(arr.to_pylist(), other.to_pylist())]
+            us = pc.coalesce(us, pa.array(parsed, pa.int64()))
+            other = pc.and_(other, pc.is_null(pa.array(parsed, pa.int64())))
+        self.fail(other, name, rule, arr)
+        return self.check_ts(us, name, arr)
+
+    def datetime_text(self, arr: pa.Array, name: str, formats: Sequence[str], nulls: Iterable[str] = ("", "-"),
+                      fast_regex: str | None = None, fast_fn: Callable[[pa.Array], pa.Array] | None = None) -> pa.Array:
+        """Date/time text to int64 microseconds (UTC), trying ``formats`` in order.
+
+        ``fast_regex`` + ``fast_fn`` give a vectorised path for the common shape;
+        other values are parsed one by one (with a cache: logs repeat timestamps).
+        """
+        arr = pc.utf8_trim_whitespace(arr)
+        isnull = self._null_mask(arr, nulls)
+        us = pa.nulls(len(arr), pa.int64())
+        todo = pc.invert(isnull)
+        if fast_regex is not None and fast_fn is not None:
+            fast = pc.match_substring_regex(arr, fast_regex)
+            try:
+                us = fast_fn(pc.if_else(fast, arr, pa.scalar(None, pa.string())))
+                todo = pc.and_(todo, pc.invert(fast))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                pass  # an impossible date among them: parse all one by one
+        todo = pc.fill_null(todo, False)
+        if pc.any(todo).as_py():
+            cache: dict[str, int | None] = {}
+            vals = us.to_pylist()
+            for i, (s, t) in enumerate(zip(arr.to_pylist(), todo.to_pylist())):
+                if t:
+                    if s not in cache:
+                        cache[s] = parse_datetime_us(s, formats)
+                    vals[i] = cache[s]
+            us = pa.array(vals, pa.int64())
+        self.fail(pc.and_(pc.invert(isnull), pc.is_null(us)), name,
+                  "a date/time like " + " or ".join(repr(f) for f in formats), arr)
+        return self.check_ts(us, name, arr)
+
+
+def parse_iso_us(s: str | None) -> int | None:
+    if not s:
+        return None
+    try:
+        d = _dt.datetime.fromisoformat(s.strip())
+    except ValueError:
+        return None
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=_dt.timezone.utc)
+    return _to_us(d)
+
+
+def _to_us(d: _dt.datetime) -> int:
+    delta = d - _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def parse_datetime_us(s: str | None, formats: Sequence[str]) -> int | None:
+    if not s:
+        return None
+    for f in formats:
+        try:
+            d = _dt.datetime.strptime(s, f)
+        except ValueError:
+            continue
+        return _to_us(d.replace(tzinfo=_dt.timezone.utc))
+    return None
+
+
+# ---------------------------------------------------------------------------- labels
+
+_MALICIOUS = re.compile(r"botnet|malware|malicious|attack", re.IGNORECASE)
+_BENIGN = re.compile(r"normal|benign|legitimate", re.IGNORECASE)
+
+
+def label_of_text(text: str | None) -> int | None:
+    """The shared text-label rule: Botnet/Malware/Malicious/Attack -> 1,
+    Normal/Benign/LEGITIMATE -> 0, anything else (Background, Unknown, empty) -> null."""
+    if not text:
+        return None
+    if _MALICIOUS.search(text):
+        return 1
+    if _BENIGN.search(text):
+        return 0
+    return None
+
+
+def map_labels(texts: pa.Array, fn: Callable[[str | None], int | None] = label_of_text) -> pa.Array:
+    """Apply a label rule to a string column, once per distinct value."""
+    enc = pc.dictionary_encode(texts)
+    if isinstance(enc, pa.ChunkedArray):
+        enc = enc.combine_chunks()
+    mapped = pa.array([fn(v) for v in enc.dictionary.to_pylist()], pa.int8())
+    return pc.take(mapped, enc.indices)
+
+
+def proto_name(arr: pa.Array) -> pa.Array:
+    """Lower-case protocol names; IANA numbers (6, 17, 1, ...) become names."""
+    arr = pc.utf8_lower(pc.utf8_trim_whitespace(arr))
+    enc = pc.dictionary_encode(arr)
+    names = []
+    for v in enc.dictionary.to_pylist():
+        if v is not None and v.isdigit() and int(v) in PROTO_NAMES:
+            names.append(PROTO_NAMES[int(v)])
+        else:
+            names.append(v)
+    return pc.take(pa.array(names, pa.string()), enc.indices)
+
+
+# -------------------------------------------------------------------------- assembly
+
+
+def _col(n: int, v, typ: pa.DataType) -> pa.Array:
+    if v is None:
+        return pa.nulls(n, typ)
+    if isinstance(v, (pa.Array, pa.ChunkedArray)):
+        if isinstance(v, pa.ChunkedArray):
+            v = v.combine_chunks()
+        return v.cast(typ) if v.type != typ else v
+    if isinstance(v, np.ndarray):
+        return pa.array(v, typ)
+    return pa.array([v] * n, typ)  # scalar
+
+
+def assemble(
+    source: str,
+    fmt: str,
+    read: int,
+    rows: np.ndarray,
+    cols: dict[str, object],
+    validator: Validator | None,
+    lines: Sequence[bytes] | Sequence[str] | None,
+    bad: list[tuple[int | None, str | None, str]],
+) -> ReadResult:
+    """Build the ReadResult: good rows into FLOW_SCHEMA, the rest into quarantine.
+
+    ``cols`` maps canonical column names to arrays aligned with ``rows`` (or a
+    scalar, or None for all-null); ``validator.errors`` names the failing rows.
+    """
+    n = len(rows)
+    arrays = []
+    for f in FLOW_SCHEMA:
+        if f.name == "source":
+            v: object = source
+        elif f.name == "source_row":
+            v = np.asarray(rows, dtype=np.int64)
+        elif f.name == "flows" and cols.get("flows") is None:
+            v = 1
+        else:
+            v = cols.get(f.name)
+        if f.name == "ts" and isinstance(v, (pa.Array, pa.ChunkedArray)) and v.type == pa.int64():
+            v = (v.combine_chunks() if isinstance(v, pa.ChunkedArray) else v).cast(TS_TYPE)
+        arrays.append(_col(n, v, f.type))
+    table = pa.Table.from_arrays(arrays, schema=FLOW_SCHEMA.with_metadata(None)) if n else None
+    bad = list(bad)
+    if validator is not None and validator.errors:
+        good = validator.good_mask()
+        for i, reason in sorted(validator.errors.items()):
+            raw = lines[i] if lines is not None else None
+            if isinstance(raw, bytes):
+                raw = decode_raw(raw)
+            bad.append((int(rows[i]), raw, reason))
+        table = table.filter(pa.array(good)) if table is not None else None
+    if table is None:
+        table = FLOW_SCHEMA.empty_table()
+    # nullability: required columns must have no nulls (guarded by the validators)
+    table = table.cast(FLOW_SCHEMA)
+    return ReadResult(table, quarantine_table(source, bad), read, fmt)
+
+
+def quarantine_table(source: str, bad: list[tuple[int | None, str | None, str]]) -> pa.Table:
+    bad = sorted(bad, key=lambda b: (b[0] is None, b[0] if b[0] is not None else 0))
+    now = now_utc()
+    return pa.Table.from_pydict(
+        {
+            "source": [source] * len(bad),
+            "source_row": [b[0] for b in bad],
+            "raw": [b[1] for b in bad],
+            "reason": [b[2] for b in bad],
+            "ingested_at": [now] * len(bad),
+        },
+        schema=QUARANTINE_SCHEMA,
+    )
+
+
+def empty_result(source: str, fmt: str) -> ReadResult:
+    return ReadResult(FLOW_SCHEMA.empty_table(), quarantine_table(source, []), 0, fmt)

@@ -1,0 +1,286 @@
+"""``read_input`` and ``ingest``: inputs -> adapters -> archive, with counts that add up."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import posixpath
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass, field
+
+from nadray import archive as arc
+from nadray import storage
+from nadray.errors import InputError, NadrayError
+from nadray.ingest import detect as _detect
+from nadray.ingest.common import ReadResult
+
+log = logging.getLogger(__name__)
+
+FORMATS = ["zeek", "argus", "cicflowmeter", "unsw-nb15", "cs448b", "pcap"]
+_HEAD = 1 << 16
+
+
+class NotAFlowLog(InputError):
+    """A log of another kind (Zeek dns.log, Suricata EVE, ...): skipped inside folders."""
+
+
+class UnknownFormat(InputError):
+    """Content that no adapter recognises."""
+
+
+def _adapter(fmt: str):
+    if fmt == "zeek":
+        from nadray.ingest import zeek as m
+    elif fmt == "argus":
+        from nadray.ingest import argus as m
+    elif fmt == "cicflowmeter":
+        from nadray.ingest import cicflowmeter as m
+    elif fmt == "unsw-nb15":
+        from nadray.ingest import unsw as m
+    elif fmt == "cs448b":
+        from nadray.ingest import cs448b as m
+    elif fmt == "pcap":
+        from nadray.ingest import pcap as m
+    else:
+        raise InputError(f"format: expected one of auto, {', '.join(FORMATS)}, got {fmt!r}")
+    return m
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def load_bytes(uri: str) -> bytes:
+    """The raw bytes of a local file or S3 object; a one-line InputError when unreadable."""
+    try:
+        fs, path = storage.get_fs(uri)
+        if not fs.exists(path):
+            raise InputError(f"{uri}: no such file or object")
+        if fs.isdir(path):
+            raise InputError(f"{uri}: is a folder, expected a file")
+        return storage.read_bytes(uri)
+    except InputError:
+        raise
+    except (OSError, ValueError) as e:
+        raise InputError(f"{uri}: cannot read: {type(e).__name__}: {e}") from None
+
+
+def decompress(data: bytes, source: str) -> bytes:
+    """Gunzip when ``data`` is gzip (by magic bytes), else return it unchanged."""
+    if data[:2] != b"\x1f\x8b":
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as e:
+        raise InputError(f"{source}: broken gzip data: {e}") from None
+
+
+def parse_bytes(data: bytes, source: str, fmt: str = "auto", local_path: str | None = None) -> ReadResult:
+    """Parse decompressed content; ``local_path`` lets pcap read the file in place."""
+    if not data.strip():
+        raise InputError(f"{source}: empty file")
+    if fmt == "auto":
+        found = _detect.detect(data[:_HEAD])
+        if found == _detect.NOT_FLOW_LOG:
+            raise NotAFlowLog(f"{source}: not a flow log (a Zeek or JSON log of another kind, e.g. dns.log)")
+        if found is None:
+            raise UnknownFormat(f"{source}: cannot recognise the format (expected pcap/pcapng, Zeek conn log, "
+                                f"Argus binetflow, CICFlowMeter, UNSW-NB15 or cs448b CSV); try --format")
+        fmt = found
+    adapter = _adapter(fmt)
+    try:
+        if fmt == "pcap":
+            return adapter.read(data, source, path=local_path)
+        return adapter.read(data, source)
+    except NadrayError:
+        raise
+    except Exception as e:  # never a traceback for a bad input: one line naming the file
+        log.debug("parsing %s as %s failed", source, fmt, exc_info=True)
+        raise InputError(f"{source}: cannot read as {fmt}: {type(e).__name__}: {e}") from None
+
+
+def read_input(path: str, fmt: str = "auto") -> ReadResult:
+    """Parse one input file (local or ``s3://``, ``.gz`` transparently) without writing anything.
+
+    Returns a :class:`ReadResult` (``.flows`` FLOW_SCHEMA, ``.quarantine``
+    QUARANTINE_SCHEMA, ``.read``, ``.format``). Raises ``InputError`` (one line,
+    naming the file) when the input cannot be read at all.
+    """
+    raw = load_bytes(path)
+    data = decompress(raw, path)
+    local = path if (not storage.is_s3(path) and data is raw) else None
+    return parse_bytes(data, path, fmt, local_path=local)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+@dataclass
+class FileReport:
+    """What happened to one input file."""
+
+    source: str
+    status: str  # "ingested", "already ingested", "skipped: not a flow log", "skipped: unrecognised", "failed"
+    format: str | None = None
+    read: int = 0
+    archived: int = 0
+    quarantined: int = 0
+    skipped: int = 0
+    message: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class IngestReport:
+    """Counts of one ``ingest`` run: ``read == archived + quarantined + skipped``."""
+
+    archive: str
+    read: int = 0
+    archived: int = 0
+    quarantined: int = 0
+    skipped: int = 0
+    files: list[FileReport] = field(default_factory=list)
+    failed_inputs: list[str] = field(default_factory=list)
+    rows_per_s: float = 0.0
+    elapsed_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """False iff some input could not be read at all."""
+        return not self.failed_inputs
+
+    def summary(self) -> str:
+        lines = [f"ingest into {self.archive}"]
+        for f in self.files:
+            if f.status == "ingested":
+                extra = f" ({'; '.join(f.notes)})" if f.notes else ""
+                lines.append(f"  {f.source} [{f.format}]: read {f.read}, archived {f.archived}, "
+                             f"quarantined {f.quarantined}{extra}")
+            elif f.status == "already ingested":
+                lines.append(f"  {f.source}: already ingested ({f.skipped} rows skipped)")
+            elif f.status.startswith("skipped"):
+                lines.append(f"  {f.source}: {f.status}")
+        for msg in self.failed_inputs:
+            lines.append(f"  FAILED {msg}")
+        lines.append(f"read {self.read} = archived {self.archived} + quarantined {self.quarantined} "
+                     f"+ skipped {self.skipped} (already ingested)")
+        lines.append(f"throughput: {self.rows_per_s:,.0f} rows/s")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- ingest
+
+
+def _expand(inp: str, archive: str) -> tuple[list[tuple[str, bool]], str | None]:
+    """Files named by one input: [(uri, from_folder)], or an error message."""
+    try:
+        fs, path = storage.get_fs(inp)
+        if not fs.exists(path):
+            return [], f"{inp}: no such file or folder"
+        if not fs.isdir(path):
+            return [(inp, False)], None
+        _, arch_path = storage.get_fs(archive)
+        found = []
+        for p in sorted(fs.find(path)):
+            rel = posixpath.relpath(p, path) if storage.is_s3(inp) else os.path.relpath(p, path)
+            parts = rel.replace(os.sep, "/").split("/")
+            if any(x.startswith((".", "_")) for x in parts):
+                continue  # hidden files and archive internals
+            if p == arch_path or p.startswith(arch_path.rstrip("/") + "/"):
+                continue  # never ingest the archive into itself
+            found.append((storage.join(inp, *parts), True))
+        if not found:
+            return [], f"{inp}: folder holds no files"
+        return found, None
+    except (OSError, ValueError) as e:
+        return [], f"{inp}: cannot list: {type(e).__name__}: {e}"
+
+
+def _ingest_one(uri: str, from_folder: bool, archive: str, fmt: str, quarantine: str | None) -> FileReport:
+    raw = load_bytes(uri)
+    sha = hashlib.sha256(raw).hexdigest()
+    if arc.has_manifest(archive, sha):
+        n = int(arc.read_manifest(archive, sha).get("read", 0))
+        return FileReport(uri, "already ingested", read=n, skipped=n)
+    data = decompress(raw, uri)
+    if fmt == "auto" and from_folder:
+        found = _detect.detect(data[:_HEAD]) if data.strip() else None
+        if found == _detect.NOT_FLOW_LOG:
+            return FileReport(uri, "skipped: not a flow log")
+        if found is None:
+            return FileReport(uri, "skipped: unrecognised format")
+    tmp = None
+    local = uri if (not storage.is_s3(uri) and data is raw) else None
+    try:
+        if local is None and data[:4] in _detect.PCAP_MAGIC | {_detect.PCAPNG_MAGIC}:
+            fd, tmp = tempfile.mkstemp(suffix=".pcap", prefix="nadray-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            local = tmp
+        res = parse_bytes(data, uri, fmt, local_path=local)
+    finally:
+        if tmp:
+            os.remove(tmp)
+    parts = arc.write_flows(archive, res.flows, key=sha)
+    arc.write_quarantine(archive, res.quarantine, key=sha, quarantine=quarantine)
+    notes = list(res.notes)
+    arc.write_manifest(archive, sha, {
+        "sha256": sha, "source": uri, "format": res.format, "read": res.read,
+        "archived": res.flows.num_rows, "quarantined": res.quarantined, "notes": notes,
+        "parts": parts, "ingested_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+    return FileReport(uri, "ingested", format=res.format, read=res.read, archived=res.flows.num_rows,
+                      quarantined=res.quarantined, notes=notes)
+
+
+def ingest(inputs: list[str], archive: str, fmt: str = "auto", quarantine: str | None = None) -> IngestReport:
+    """Read files and folders into the archive; bad records go to the quarantine.
+
+    Parameters
+    ----------
+    inputs : files or folders, local or ``s3://`` (folders are searched recursively;
+        there, files that are not flow logs are skipped and reported).
+    archive : archive root (local folder or ``s3://bucket/prefix``).
+    fmt : ``auto`` (detect per file from content) or one of ``FORMATS``.
+    quarantine : where quarantined records go (default ``<archive>/_quarantine``).
+
+    Returns an :class:`IngestReport`; ``ok`` is False when some input could not be
+    read at all (its one-line message is in ``failed_inputs``).
+    """
+    if fmt != "auto" and fmt not in FORMATS:
+        raise InputError(f"format: expected one of auto, {', '.join(FORMATS)}, got {fmt!r}")
+    report = IngestReport(archive=str(archive))
+    storage.makedirs(archive)
+    t0 = time.perf_counter()
+    busy = 0.0
+    parsed_rows = 0
+    for inp in inputs:
+        files, err = _expand(str(inp), str(archive))
+        if err:
+            report.failed_inputs.append(err)
+            continue
+        for uri, from_folder in files:
+            t1 = time.perf_counter()
+            try:
+                fr = _ingest_one(uri, from_folder, str(archive), fmt, quarantine)
+            except NadrayError as e:
+                fr = FileReport(uri, "failed", message=str(e))
+                report.failed_inputs.append(str(e))
+            except Exception as e:  # storage trouble etc.: still one line, never a traceback
+                log.debug("ingest of %s failed", uri, exc_info=True)
+                fr = FileReport(uri, "failed", message=f"{uri}: {type(e).__name__}: {e}")
+                report.failed_inputs.append(fr.message)
+            if fr.status == "ingested":
+                busy += time.perf_counter() - t1
+                parsed_rows += fr.read
+            report.files.append(fr)
+            report.read += fr.read
+            report.archived += fr.archived
+            report.quarantined += fr.quarantined
+            report.skipped += fr.skipped
+    report.elapsed_s = time.perf_counter() - t0
+    report.rows_per_s = parsed_rows / busy if busy > 0 else 0.0
+    return report

@@ -1,0 +1,241 @@
+"""Zeek ``conn.log`` in its three shapes: TSV, JSON lines, and the IoT-23 CSV conversion.
+
+Shapes recognised (see docs/INGEST.md):
+
+* **TSV** with Zeek's header lines (``#separator``, ``#fields``, ``#types``,
+  ``#unset_field`` = ``-``, ``#empty_field`` = ``(empty)``). Lines starting with
+  ``#`` (also ``#close``) are not records. The Stratosphere labelled variant
+  (``conn.log.labeled``) has extra ``label`` and ``detailedlabel`` fields; when
+  the header lists them space-separated after ``tunnel_parents`` (as the raw
+  IoT-23 files do), runs of three spaces in records are read as separators.
+* **JSON lines** (``{"ts": ..., "id.orig_h": ...}``), ``ts`` as epoch seconds or
+  an ISO 8601 string; missing keys are unset.
+* **IoT-23 CSV** (comma-separated, header ``ts,uid,id.orig_h,...,label,detailed-label``,
+  unset values as empty fields or ``-``).
+
+Field mapping: ``ts`` -> ts, ``id.orig_h``/``id.resp_h`` -> src_ip/dst_ip,
+``id.orig_p``/``id.resp_p`` -> ports, ``proto``, ``service``, ``duration``,
+``orig_bytes``/``resp_bytes`` (payload bytes) -> src_bytes/dst_bytes,
+``orig_pkts``/``resp_pkts`` -> src_pkts/dst_pkts, ``conn_state``,
+``local_orig``/``local_resp`` (``T``/``F``) -> local_orig/local_resp.
+Required: ts, id.orig_h, id.resp_h, proto.
+
+Labels (when a ``label`` column exists): text containing Malicious (or Botnet,
+Malware, Attack) -> 1; Benign / benign / Normal -> 0; Unknown, ``-``, empty -> null.
+``label_detail`` keeps the source text: ``label`` alone, or ``label: detailed-label``
+when the detailed label is set (e.g. ``Malicious: PartOfAHorizontalPortScan``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from nadray.errors import InputError
+from nadray.ingest.common import (
+    ReadResult, Records, Validator, assemble, decode_raw, label_of_text, map_labels, split_lines, split_records,
+)
+
+FORMAT = "zeek"
+REQUIRED = ["ts", "id.orig_h", "id.resp_h", "proto"]
+CONN_HINTS = {"conn_state", "orig_bytes", "duration", "orig_pkts", "history"}
+LABEL_COLS = ("label",)
+DETAIL_COLS = ("detailed-label", "detailedlabel", "detailed_label")
+
+
+def is_conn_columns(cols) -> bool:
+    cols = set(cols)
+    return all(c in cols for c in REQUIRED) and bool(cols & CONN_HINTS)
+
+
+def _is_blank(ln: bytes) -> bool:
+    return not ln.strip()
+
+
+def read(data: bytes, source: str) -> ReadResult:
+    """Parse a Zeek conn log (any of the three shapes) into canonical flows + quarantine."""
+    lines = split_lines(data)
+    first = next((ln for ln in lines if ln.strip()), b"")
+    s = first.lstrip()
+    if s.startswith(b"#"):
+        return _read_tsv(lines, source)
+    if s.startswith(b"{"):
+        return _read_json(lines, source)
+    return _read_csv(lines, source)
+
+
+def _unescape(v: str) -> str:
+    return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), v)
+
+
+def _read_tsv(lines: list[bytes], source: str) -> ReadResult:
+    sep = b"\t"
+    columns: list[str] | None = None
+    unset, empty = "-", "(empty)"
+    spaced = False
+    data: list[bytes] = []
+    for ln in lines:
+        if not ln.strip():
+            continue
+        st = ln.lstrip() if ln[:1] in (b" ", b"\t") else ln
+        if st[:1] == b"#":
+            if columns is None:
+                text = decode_raw(st)
+                if text.startswith("#separator"):
+                    sep = _unescape(text[len("#separator"):].strip() or "\\x09").encode()
+                elif text.startswith("#fields"):
+                    parts = text.rstrip("\n").split(sep.decode())[1:]
+                    columns = []
+                    for p in parts:
+                        if " " in p.strip():
+                            spaced = True
+                            columns.extend(p.split())
+                        else:
+                            columns.append(p.strip())
+                elif text.startswith("#unset_field"):
+                    unset = text.split(sep.decode(), 1)[-1].strip() or "-"
+                elif text.startswith("#empty_field"):
+                    empty = text.split(sep.decode(), 1)[-1].strip() or "(empty)"
+            continue
+        data.append(ln)
+    if columns is None:
+        raise InputError(f"{source}: Zeek log without a '#fields' header line")
+    _check_columns(columns, source)
+    if spaced:
+        data = [ln.replace(b"   ", sep) for ln in data]
+    recs = split_records(data, columns, sep, "Zeek")
+    return _convert(recs, source, nulls=(unset, empty, ""))
+
+
+def _read_csv(lines: list[bytes], source: str) -> ReadResult:
+    it = iter(i for i, ln in enumerate(lines) if ln.strip())
+    h = next(it, None)
+    if h is None:
+        raise InputError(f"{source}: empty file")
+    header = decode_raw(lines[h]).strip()
+    sep = b"\t" if header.count("\t") > header.count(",") else b","
+    columns = [c.strip() for c in header.split(sep.decode())]
+    _check_columns(columns, source)
+    data = [ln for ln in lines[h + 1:] if ln.strip()]
+    recs = split_records(data, columns, sep, "Zeek CSV")
+    return _convert(recs, source, nulls=("", "-", "(empty)"))
+
+
+def _json_str(v) -> str:
+    if v is None:
+        return ""
+    if v is True:
+        return "T"
+    if v is False:
+        return "F"
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return ",".join(_json_str(x) for x in v)
+    if isinstance(v, dict):
+        return json.dumps(v)
+    return str(v)
+
+
+def _read_json(lines: list[bytes], source: str) -> ReadResult:
+    data = [ln for ln in lines if ln.strip()]
+    wanted = ["ts", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p", "proto", "service", "duration",
+              "orig_bytes", "resp_bytes", "orig_pkts", "resp_pkts", "conn_state", "local_orig", "local_resp",
+              "label", "detailed-label", "detailedlabel"]
+    cols: dict[str, list[str]] = {c: [] for c in wanted}
+    rows: list[int] = []
+    good_lines: list[bytes] = []
+    bad: list[tuple[int, str, str]] = []
+    loads = json.loads
+    for i, ln in enumerate(data):
+        try:
+            obj = loads(ln)
+        except (ValueError, UnicodeDecodeError) as e:
+            bad.append((i, decode_raw(ln), f"record is not valid JSON ({str(e).split(':')[0]})"))
+            continue
+        if not isinstance(obj, dict):
+            bad.append((i, decode_raw(ln), f"record is not a JSON object, got {type(obj).__name__}"))
+            continue
+        for c in wanted:
+            cols[c].append(_json_str(obj.get(c)))
+        rows.append(i)
+        good_lines.append(ln)
+    table = pa.table({c: pa.array(v, pa.string()) for c, v in cols.items()})
+    if not any(cols["detailed-label"]):
+        table = table.drop_columns(["detailed-label"])
+    if not any(cols["detailedlabel"]):
+        table = table.drop_columns(["detailedlabel"])
+    if not any(cols["label"]):
+        table = table.drop_columns(["label"])
+    recs = Records(table.column_names, table, np.asarray(rows, dtype=np.int64), good_lines, bad, len(data))
+    return _convert(recs, source, nulls=("", "-", "(empty)"), missing_ok=True)
+
+
+def _check_columns(columns: list[str], source: str) -> None:
+    missing = [c for c in REQUIRED if c not in columns]
+    if missing:
+        raise InputError(f"{source}: not a Zeek conn log: missing column(s) {', '.join(missing)} "
+                         f"(columns: {', '.join(columns[:12])}{', ...' if len(columns) > 12 else ''})")
+
+
+def _bool(v: Validator, arr: pa.Array, name: str, nulls) -> pa.Array:
+    arr = pc.utf8_trim_whitespace(arr)
+    low = pc.utf8_lower(arr)
+    isnull = v._null_mask(arr, nulls)
+    t = pc.is_in(low, value_set=pa.array(["t", "true", "1"]))
+    f = pc.is_in(low, value_set=pa.array(["f", "false", "0"]))
+    v.fail(pc.and_(pc.invert(isnull), pc.invert(pc.or_(t, f))), name, "T or F", arr)
+    return pc.if_else(t, True, pc.if_else(f, False, pa.scalar(None, pa.bool_())))
+
+
+def _zeek_label_detail(label: pa.Array, detail: pa.Array | None, nulls) -> pa.Array:
+    lab = pc.utf8_trim_whitespace(label)
+    lab = pc.if_else(pc.is_in(lab, value_set=pa.array(list(nulls))), pa.scalar(None, pa.string()), lab)
+    if detail is None:
+        return lab
+    det = pc.utf8_trim_whitespace(detail)
+    det_set = pc.invert(pc.fill_null(pc.is_in(det, value_set=pa.array(list(nulls))), True))
+    joined = pc.binary_join_element_wise(pc.fill_null(lab, ""), det, ": ")
+    return pc.if_else(det_set, joined, lab)
+
+
+def _convert(recs: Records, source: str, nulls, missing_ok: bool = False) -> ReadResult:
+    t = recs.table
+    n = t.num_rows
+    v = Validator(n)
+    names = t.column_names
+
+    def col(name):
+        return t.column(name).combine_chunks() if name in names else None
+
+    out: dict[str, object] = {}
+    out["ts"] = v.epoch_seconds(col("ts"), "ts", nulls=nulls, iso_ok=True)
+    out["src_ip"] = v.required(col("id.orig_h"), "id.orig_h", nulls=nulls)
+    out["dst_ip"] = v.required(col("id.resp_h"), "id.resp_h", nulls=nulls)
+    out["proto"] = pc.utf8_lower(v.required(col("proto"), "proto", nulls=nulls))
+    for zname, cname in (("id.orig_p", "src_port"), ("id.resp_p", "dst_port")):
+        a = col(zname)
+        out[cname] = None if a is None else v.integer(a, zname, nulls=nulls, lo=0, hi=65535, out=pa.int32())
+    a = col("duration")
+    out["duration"] = None if a is None else v.number(a, "duration", nulls=nulls)
+    for zname, cname in (("orig_bytes", "src_bytes"), ("resp_bytes", "dst_bytes"),
+                         ("orig_pkts", "src_pkts"), ("resp_pkts", "dst_pkts")):
+        a = col(zname)
+        out[cname] = None if a is None else v.integer(a, zname, nulls=nulls)
+    for zname in ("conn_state", "service"):
+        a = col(zname)
+        out[zname] = None if a is None else v.optional_str(a, nulls=nulls)
+    for zname in ("local_orig", "local_resp"):
+        a = col(zname)
+        out[zname] = None if a is None else _bool(v, a, zname, nulls)
+    lab = next((col(c) for c in LABEL_COLS if c in names), None)
+    if lab is not None:
+        det = next((col(c) for c in DETAIL_COLS if c in names), None)
+        text = _zeek_label_detail(lab, det, nulls)
+        out["label_detail"] = text
+        out["label"] = map_labels(pc.utf8_trim_whitespace(lab), label_of_text)
+    return assemble(source, FORMAT, recs.read, recs.rows, out, v, recs.lines, recs.bad)
