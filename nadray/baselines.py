@@ -13,7 +13,8 @@ the same call the LSTM's threshold comes from.
 - ``HistGradientBoostingBaseline``: supervised, class-weighted, on the same
   matrix; only defined when training has both labels.
 - ``EwmaZScoreBaseline``: per-entity exponentially weighted mean and variance of
-  a few activity measures (``activity_measures``); the score is the largest
+  a few activity measures (``ewma_measures``: bytes, packets, flows, distinct
+  peers, from the same features); the score is the largest
   ``|z|`` of an event against its entity's past only (causal).
 
 All three score events (one row per flow and entity, as the LSTM does); a flow's
@@ -42,8 +43,8 @@ __all__ = [
     "IsolationForestBaseline",
     "HistGradientBoostingBaseline",
     "EwmaZScoreBaseline",
-    "ACTIVITY_MEASURES",
-    "activity_measures",
+    "EWMA_MEASURES",
+    "ewma_measures",
     "per_flow_max",
     "unsupervised_rows",
 ]
@@ -238,73 +239,30 @@ class HistGradientBoostingBaseline:
         return self.model_.predict_proba(X)[:, 1]
 
 
-# Activity measures per event, log-scaled: traffic is heavy-tailed, and a z-score
-# on raw bytes is dominated by the few largest transfers.
-ACTIVITY_MEASURES = ["log_bytes", "log_pkts", "log_flows", "log_duration", "log_distinct_peers"]
+# Activity measures for the EWMA baseline, by FeatureEncoder feature name: bytes,
+# packets, flows and distinct peers, each already log-scaled or a ratio (traffic is
+# heavy-tailed; a z-score on raw bytes is dominated by the few largest transfers).
+# The encoder standardises them, which a z-score ignores (it is affine invariant).
+EWMA_MEASURES = [
+    "log_bytes_out", "log_bytes_in", "log_pkts_out", "log_pkts_in", "log_flows",
+    "log_peers", "peers_ratio",
+]
 
 
-def activity_measures(flows: Any, entity: Any, flow_index: Any, context_window: int = 64) -> np.ndarray:
-    """Per-event activity measures (n, 5) in ``ACTIVITY_MEASURES`` order, for the EWMA baseline.
+def ewma_measures(x: Any, feature_names: list[str], measures: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """The columns of the event matrix ``x`` (n, F) the EWMA baseline tracks, and their names.
 
-    Parameters
-    ----------
-    flows : pa.Table or pd.DataFrame with the canonical columns.
-    entity : (n,) entity of each event (``Events.entity``).
-    flow_index : (n,) row of ``flows`` each event comes from (``Events.flow_index``).
-    context_window : distinct peers are counted over the entity's last ``context_window``
-        events, including this one (``data.context_window``, as the LSTM's context).
-
-    Events must be in entity then time order (``Events`` are); missing byte, packet
-    or duration values count as 0.
+    ``measures`` defaults to ``EWMA_MEASURES``; those the encoder does not produce
+    are skipped (flow mode has ``peers_ratio``, bin mode ``log_peers``).
     """
-    import pandas as pd
-
-    df = flows.to_pandas() if hasattr(flows, "to_pandas") and not isinstance(flows, pd.DataFrame) else flows
-    idx = np.asarray(flow_index, dtype="int64")
-    ent = np.asarray(entity, dtype=object)
-
-    def col(name: str) -> np.ndarray:
-        if name not in df.columns:
-            return np.zeros(len(idx))
-        v = pd.to_numeric(df[name], errors="coerce").to_numpy(dtype="float64", na_value=np.nan)[idx]
-        return np.nan_to_num(np.clip(v, 0, None), nan=0.0)
-
-    src = df["src_ip"].astype(str).to_numpy()[idx]
-    dst = df["dst_ip"].astype(str).to_numpy()[idx]
-    peer = np.where(src == ent.astype(str), dst, src)
-    flows_col = col("flows") if "flows" in df.columns else np.ones(len(idx))
-    M = np.column_stack(
-        [
-            np.log1p(col("src_bytes") + col("dst_bytes")),
-            np.log1p(col("src_pkts") + col("dst_pkts")),
-            np.log1p(np.maximum(flows_col, 1.0)),
-            np.log1p(col("duration")),
-            np.log1p(_distinct_in_window(ent, peer, context_window)),
-        ]
-    )
-    return M
-
-
-def _distinct_in_window(entity: np.ndarray, peer: np.ndarray, window: int) -> np.ndarray:
-    """Distinct peers among each entity's last ``window`` events (rows grouped by entity, in time order)."""
-    from collections import Counter, deque
-
-    out = np.zeros(len(entity), dtype="float64")
-    last_entity = object()
-    counts: Counter = Counter()
-    recent: deque = deque()
-    for i, (e, p) in enumerate(zip(entity, peer)):
-        if e != last_entity:
-            last_entity, counts, recent = e, Counter(), deque()
-        recent.append(p)
-        counts[p] += 1
-        if len(recent) > window:
-            old = recent.popleft()
-            counts[old] -= 1
-            if counts[old] == 0:
-                del counts[old]
-        out[i] = len(counts)
-    return out
+    wanted = EWMA_MEASURES if measures is None else list(measures)
+    names = [m for m in wanted if m in feature_names]
+    if not names:
+        raise InputError(
+            f"ewma measures: none of {wanted} is among the features {list(feature_names)}"
+        )
+    cols = [list(feature_names).index(m) for m in names]
+    return np.asarray(x, dtype="float64")[:, cols], names
 
 
 def _entity_groups(entity: np.ndarray) -> list[np.ndarray]:
