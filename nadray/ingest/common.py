@@ -104,13 +104,15 @@ def split_records(
     columns: list[str],
     sep: bytes,
     what: str,
+    legacy_encoding: str | None = None,
 ) -> Records:
     """Check the field count of each data line and parse the good ones as strings.
 
     ``lines`` are the data records only (blank lines, headers and comments
     already removed by the adapter). A line whose field count differs from
     ``len(columns)``, that holds a bare carriage return, or that is not UTF-8 is
-    quarantined with the reason.
+    quarantined with the reason; with ``legacy_encoding`` (e.g. ``cp1252`` for
+    CIC-IDS2017's Windows-written CSVs) non-UTF-8 records are transcoded instead.
     """
     n = len(columns)
     want = n - 1
@@ -143,9 +145,12 @@ def split_records(
             try:
                 ln.decode("utf-8")
             except UnicodeDecodeError as e:
+                if legacy_encoding:
+                    good[k] = ln.decode(legacy_encoding, errors="replace").encode("utf-8")
+                    continue
                 drop.add(k)
                 bad.append((good_idx[k], decode_raw(ln), f"record is not UTF-8 text ({e.reason} at byte {e.start})"))
-    if drop:
+    if drop or legacy_encoding:
         good_idx = [g for k, g in enumerate(good_idx) if k not in drop]
         good = [ln for k, ln in enumerate(good) if k not in drop]
         blob = b"\n".join(good)
@@ -156,8 +161,7 @@ def split_records(
 
 def _read_strings(blob: bytes, columns: list[str], sep: bytes, expected: int) -> pa.Table:
     if expected == 0:
-        return pa.table({c: pa.array([], pa.string()) for c in columns})
-    # Unique internal names: sources may repeat a column name.
+        return pa.table({c: pa.array([], pa.string()) for c in unique_names(columns)})
     names = [f"c{i}" for i in range(len(columns))]
     table = pacsv.read_csv(
         io.BytesIO(blob + b"\n"),
@@ -173,7 +177,21 @@ def _read_strings(blob: bytes, columns: list[str], sep: bytes, expected: int) ->
     )
     if table.num_rows != expected:  # pragma: no cover - guarded by the field-count check
         raise InputError(f"internal: parsed {table.num_rows} records, expected {expected}")
-    return table.rename_columns(columns) if len(set(columns)) == len(columns) else table
+    return table.rename_columns(unique_names(columns))
+
+
+def unique_names(columns: Sequence[str]) -> list[str]:
+    """Column names made unique (``x``, ``x.1``, ...): CIC-IDS2017 repeats 'Fwd Header Length'."""
+    seen: dict[str, int] = {}
+    out = []
+    for c in columns:
+        if c in seen:
+            seen[c] += 1
+            out.append(f"{c}.{seen[c]}")
+        else:
+            seen[c] = 0
+            out.append(c)
+    return out
 
 
 # ------------------------------------------------------------------------ validation

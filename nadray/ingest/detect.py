@@ -31,15 +31,21 @@ def _first_line(text: str) -> str:
 
 
 def _is_binary(head: bytes) -> bool:
-    if b"\x00" in head[:4096]:
-        return True
+    """NUL bytes, many control characters, or invalid UTF-8 with many high bytes."""
     sample = head[:4096]
+    if not sample or b"\x00" in sample:
+        return bool(sample)
+    ctrl = sum(1 for b in sample if b < 0x20 and b not in (9, 10, 13))
+    if ctrl > len(sample) * 0.02:
+        return True
     try:
         sample.decode("utf-8")
         return False
     except UnicodeDecodeError as e:
-        # a multibyte character cut at the end of the sample is fine
-        return e.start < len(sample) - 4
+        if e.start >= len(sample) - 4:
+            return False  # a multibyte character cut by the sample's end
+        high = sum(1 for b in sample if b >= 0x80)
+        return high > len(sample) * 0.1  # a stray Windows-1252 byte is text
 
 
 def detect(head: bytes) -> str | None:
