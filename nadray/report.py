@@ -142,6 +142,7 @@ def plot_timelines(frame: Any, path: str, top_n: int = 6, title: str = "LSTM sco
             ax.plot(d["ts"][mal], np.zeros(mal.sum()), "|", color="black", ms=10, transform=ax.get_xaxis_transform())
         tag = " (malicious records)" if mal.any() else ""
         ax.set_ylabel("score", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7, labelrotation=15)
         ax.set_title(f"{ent}{tag}: {int(alert.sum())} alerts in {len(d)} flows", fontsize=9, loc="left")
         ax.grid(alpha=0.3)
     if not entities:
@@ -156,7 +157,6 @@ def plot_timelines(frame: Any, path: str, top_n: int = 6, title: str = "LSTM sco
     ]
     fig.legend(handles=handles, loc="upper right", ncol=4, fontsize=8)
     fig.suptitle(title, x=0.01, ha="left", fontsize=10)
-    fig.autofmt_xdate()
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=100)
     plt.close(fig)
