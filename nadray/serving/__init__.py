@@ -1,0 +1,1 @@
+"""Ray Serve application internals; the public entry points are in ``nadray.serve``."""

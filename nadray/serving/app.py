@@ -1,0 +1,313 @@
+"""The Serve application: ``ServeArgs``, the deployments, ``build_app`` and ``run_serve``.
+
+Ray-specific lines are the ``@serve.*`` decorators, ``.options``/``.bind``, the
+DeploymentHandle calls (``.remote``) and ``serve.start``/``serve.run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from nadray.serving import api, routing
+from nadray.serving.shard import ShardCore, champion_version, event, load_scorer, split_ref
+
+APP_NAME = "nadray"
+
+
+class ServeArgs(BaseModel):
+    """Typed arguments of ``build_app`` (also usable from a Serve config file's ``args``)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(description="REGISTRY_URI, REGISTRY_URI@champion or REGISTRY_URI@VERSION")
+    max_entities: int = Field(100_000, ge=1, description="entity contexts per shard (LRU)")
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_flows: int = Field(10_000, ge=1)
+    max_batch_size: int = Field(64, ge=1, description="requests per forward pass")
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    poll_champion_s: float = Field(10.0, ge=0, description="0: never poll (POST /admin/reload still works)")
+    num_replicas: int = Field(1, ge=1, le=256, description="scorer shards; each entity lives on one")
+    threshold: float | None = Field(None, description="override the checkpoint's threshold (user_config)")
+    # CPU reserved per scorer shard; fractional so a 2-core machine holds several.
+    replica_cpus: float = Field(0.5, ge=0)
+    ingress_cpus: float = Field(0.25, ge=0)
+    # SHA-256 of the API token, from the builder's NADRAY_API_TOKEN: the raw token
+    # never enters the cluster's metadata. A replica's own NADRAY_API_TOKEN wins.
+    api_token_sha256: str | None = None
+
+    @classmethod
+    def from_config(cls, model: str, serve_cfg: Any, replicas: int = 1) -> "ServeArgs":
+        return cls(model=model, max_entities=serve_cfg.max_entities, max_body_bytes=serve_cfg.max_body_bytes,
+                   max_flows=serve_cfg.max_flows, max_batch_size=serve_cfg.max_batch_size,
+                   batch_wait_timeout_s=serve_cfg.batch_wait_timeout_s,
+                   poll_champion_s=serve_cfg.poll_champion_s, num_replicas=replicas)
+
+    def limits(self) -> api.Limits:
+        return api.Limits(max_body_bytes=self.max_body_bytes, max_flows=self.max_flows)
+
+
+def _metrics():
+    from ray.serve import metrics
+
+    return {
+        "flows": metrics.Counter("nadray_flows_scored", description="flows scored"),
+        "anomalies": metrics.Counter("nadray_anomalies_flagged", description="flows with score >= threshold"),
+        "evictions": metrics.Counter("nadray_context_evictions", description="entity contexts evicted (LRU)"),
+        "entities": metrics.Gauge("nadray_entities_held", description="entity contexts held by this shard"),
+        "swaps": metrics.Counter("nadray_model_swaps", description="model versions activated"),
+    }
+
+
+def _build_deployments():
+    """Define the deployment classes lazily (no Ray import at module import)."""
+    from ray import serve
+
+    @serve.deployment(health_check_period_s=5)
+    class ScorerShard:
+        """Scores the flows of the entities it owns, batching callers into one forward pass."""
+
+        async def __init__(self, model_ref: str, shard: int, num_shards: int, max_entities: int,
+                           max_batch_size: int, batch_wait_timeout_s: float, torch_threads: int = 1):
+            try:
+                import torch
+
+                torch.set_num_threads(max(1, torch_threads))
+            except ImportError:  # pragma: no cover
+                pass
+            registry_uri, _ = split_ref(model_ref)
+            scorer = await asyncio.to_thread(load_scorer, model_ref)
+            self.core = ShardCore(scorer, shard, num_shards, max_entities, registry_uri=registry_uri)
+            self._score_batch.set_max_batch_size(max_batch_size)
+            self._score_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+            self.m = _metrics()
+            event("shard_ready", shard=shard, shards=num_shards, version=self.core.version)
+
+        def reconfigure(self, user_config: dict) -> None:
+            self.core.set_threshold((user_config or {}).get("threshold"))
+
+        async def score(self, flows: pa.Table) -> dict:
+            return await self._score_batch(flows)
+
+        @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+        async def _score_batch(self, tables: list[pa.Table]) -> list[dict]:
+            answers = await self.core.score_many(tables)
+            n = sum(t.num_rows for t in tables)
+            flagged = sum(int((a["score"] >= a["threshold"]).sum()) for a in answers)
+            self.m["flows"].inc(n)
+            if flagged:
+                self.m["anomalies"].inc(flagged)
+            if self.core.new_evictions:
+                self.m["evictions"].inc(self.core.new_evictions)
+            self.m["entities"].set(len(self.core.context))
+            return answers
+
+        async def info(self) -> dict:
+            return self.core.info()
+
+        async def prepare(self, version: str) -> str:
+            return await self.core.prepare(version)
+
+        async def activate(self, version: str) -> bool:
+            swapped = await self.core.activate(version)
+            if swapped:
+                self.m["swaps"].inc()
+            return swapped
+
+        def check_health(self) -> None:
+            if self.core.scorer is None:
+                raise RuntimeError("no scorer loaded")
+
+    @serve.deployment(health_check_period_s=5)
+    @serve.ingress()
+    class Ingress:
+        """HTTP in, flows routed to the shards of their entities, results merged in order."""
+
+        async def __init__(self, shards: list, args: dict):
+            self.args = ServeArgs(**args)
+            self.shards = shards
+            self.registry_uri, self.pinned = split_ref(self.args.model)
+            self.digest = api.effective_digest(self.args.api_token_sha256)
+            self.info_: dict | None = None
+            self.reload_lock = asyncio.Lock()
+            self.poller = None
+            if self.pinned is None and self.args.poll_champion_s > 0:
+                self.poller = asyncio.get_running_loop().create_task(self._poll())
+            event("ingress_ready", shards=len(shards), auth=self.digest is not None,
+                  poll_champion_s=self.args.poll_champion_s)
+
+        def __serve_build_asgi_app__(self):
+            return api.create_api(self, self.args.limits(), self.digest)
+
+        # -- backend protocol (nadray.serving.api.Backend) -------------------------
+        async def _info(self, refresh: bool = False) -> dict:
+            if self.info_ is None or refresh:
+                self.info_ = await self.shards[0].info.remote()
+            return self.info_
+
+        async def score(self, flows: pa.Table) -> dict:
+            n = flows.num_rows
+            info = await self._info()
+            if n == 0:
+                return {"model_version": info["version"], "threshold": info["threshold"], "results": []}
+            k = len(self.shards)
+            p = routing.plan(flows, k, info["local_networks"])
+            parts = p.take(flows)
+            calls = [self.shards[i].score.remote(t) if t is not None else None for i, t in enumerate(parts)]
+            answers = [await c if c is not None else None for c in calls]
+            got = [a for a in answers if a is not None]
+            entity, score = routing.merge(n, p, answers)
+            versions = {a["model_version"] for a in got}
+            version = got[0]["model_version"] if len(versions) == 1 else info["version"]
+            threshold = next((a["threshold"] for a in got if a["model_version"] == version), got[0]["threshold"])
+            if not np.all(np.isfinite(score)):
+                raise RuntimeError("a flow was not scored by any shard")
+            return {"model_version": version, "threshold": threshold,
+                    "results": [{"entity": e, "score": float(s), "is_anomaly": bool(s >= threshold)}
+                                for e, s in zip(entity, score.tolist())]}
+
+        async def model_info(self) -> dict:
+            info = await self._info(refresh=True)
+            meta = info.get("meta") or {}
+            return {"version": info["version"], "threshold": info["threshold"], "model": self.args.model,
+                    "shards": len(self.shards),
+                    "trained_on": meta.get("data_range") or meta.get("trained_on") or meta.get("data"),
+                    "metrics": meta.get("metrics"), "created_at": meta.get("created_at")}
+
+        async def healthy(self) -> dict:
+            info = await self._info()
+            return {"status": "ok", "version": info["version"]}
+
+        async def reload(self) -> dict:
+            return await self._check_champion(reason="admin")
+
+        # -- model updates ----------------------------------------------------------------
+        async def _check_champion(self, reason: str) -> dict:
+            async with self.reload_lock:
+                current = (await self._info())["version"]
+                if self.pinned is not None:
+                    return {"version": current, "changed": False, "reason": "model pinned to a version"}
+                latest = await asyncio.to_thread(champion_version, self.registry_uri)
+                if latest is None or latest == current:
+                    return {"version": current, "changed": False}
+                # Two phases: every shard loads in the background while serving, then
+                # all switch between batches, so the mixed-version window is one RPC.
+                await asyncio.gather(*(s.prepare.remote(latest) for s in self.shards))
+                await asyncio.gather(*(s.activate.remote(latest) for s in self.shards))
+                await self._info(refresh=True)
+                event("champion_changed", old=current, new=latest, reason=reason)
+                return {"version": latest, "changed": True, "previous": current}
+
+        async def _poll(self) -> None:
+            while True:
+                await asyncio.sleep(self.args.poll_champion_s)
+                try:
+                    await self._check_champion(reason="poll")
+                except Exception as e:  # a registry hiccup must not stop polling or serving
+                    event("champion_poll_failed", error=f"{type(e).__name__}: {str(e)[:200]}")
+
+    @serve.deployment
+    @serve.ingress()
+    class NoopIngress:
+        """Baseline for benchmarks: the same HTTP path (proxy, replica, FastAPI, token, body
+        read and parse) with no model: every flow scores 0."""
+
+        async def __init__(self, args: dict):
+            self.args = ServeArgs(**args)
+
+        def __serve_build_asgi_app__(self):
+            return api.create_api(self, self.args.limits(), api.effective_digest(self.args.api_token_sha256),
+                                  title="nadray-noop")
+
+        async def score(self, flows: pa.Table) -> dict:
+            return {"model_version": "noop", "threshold": 1.0,
+                    "results": [{"entity": None, "score": 0.0, "is_anomaly": False}] * flows.num_rows}
+
+        async def model_info(self) -> dict:
+            return {"version": "noop", "threshold": 1.0}
+
+        async def healthy(self) -> dict:
+            return {"status": "ok", "version": "noop"}
+
+        async def reload(self) -> dict:
+            return {"version": "noop", "changed": False}
+
+    return ScorerShard, Ingress, NoopIngress
+
+
+def _as_args(args: ServeArgs | dict) -> ServeArgs:
+    args = args if isinstance(args, ServeArgs) else ServeArgs(**args)
+    if args.api_token_sha256 is None and os.environ.get(api.TOKEN_ENV):
+        args = args.model_copy(update={"api_token_sha256": api.token_digest(os.environ[api.TOKEN_ENV])})
+    return args
+
+
+def build_app(args: ServeArgs | dict):
+    """The nadray Serve application: one ingress and ``num_replicas`` scorer shards."""
+    args = _as_args(args)
+    ScorerShard, Ingress, _ = _build_deployments()
+    logging_config = {"enable_access_log": False, "log_level": "WARNING"}
+    ongoing = max(2 * args.max_batch_size, 32)  # RAY.md: above max_batch_size or batches never fill
+    shards = [
+        ScorerShard.options(
+            name=f"scorer-{i}", num_replicas=1, max_ongoing_requests=ongoing,
+            ray_actor_options={"num_cpus": args.replica_cpus},
+            user_config={"threshold": args.threshold}, logging_config=logging_config,
+        ).bind(args.model, i, args.num_replicas, args.max_entities, args.max_batch_size,
+               args.batch_wait_timeout_s, max(1, int(args.replica_cpus)))
+        for i in range(args.num_replicas)
+    ]
+    return Ingress.options(
+        name="ingress", num_replicas=1, max_ongoing_requests=max(ongoing, 256),
+        ray_actor_options={"num_cpus": args.ingress_cpus}, logging_config=logging_config,
+    ).bind(shards, args.model_dump())
+
+
+def noop_app(args: ServeArgs | dict | None = None):
+    """A no-op application on the same ingress path, the baseline a benchmark measures against."""
+    args = _as_args(args if args is not None else ServeArgs(model="noop"))
+    _, _, NoopIngress = _build_deployments()
+    return NoopIngress.options(
+        name="noop", max_ongoing_requests=256, ray_actor_options={"num_cpus": args.ingress_cpus},
+        logging_config={"enable_access_log": False, "log_level": "WARNING"},
+    ).bind(args.model_dump())
+
+
+def run_serve(model_ref: str, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, cfg=None,
+              app=None) -> None:
+    """``nadray serve``: start or join Ray, deploy, print the URL, serve until SIGINT/SIGTERM."""
+    from ray import serve
+
+    from nadray.config import Config
+    from nadray.runtime import ensure_ray
+
+    cfg = cfg or Config()
+    args = ServeArgs.from_config(model_ref, cfg.serve, replicas)
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        ensure_ray()
+        serve.start(http_options={"host": host, "port": port})
+        t0 = time.time()
+        serve.run(app if app is not None else build_app(args), name=APP_NAME, route_prefix="/",
+                  logging_config={"enable_access_log": False, "log_level": "WARNING"})
+        auth = "on" if os.environ.get(api.TOKEN_ENV) else "off"
+        print(f"nadray serve: {model_ref} on http://{host}:{port}/ ({replicas} shard(s), token auth {auth}, "
+              f"ready in {time.time() - t0:.1f}s); docs at /docs; Ctrl-C or SIGTERM stops", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("nadray serve: stopping", flush=True)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
