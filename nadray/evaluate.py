@@ -123,11 +123,17 @@ def split_masks(flows_all: Any, split: Any, cfg: Any = None) -> SplitMasks:
     ts = _ts_array(flows_all)
     if isinstance(split, SplitMasks):
         masks = split
+    elif hasattr(split, "train_mask") and getattr(split, "flows", None) is not None and (
+        split.flows is flows_all or _keys(split.flows).equals(_keys(flows_all))
+    ):
+        # nadray.data.Splits over this very stream: its masks apply row for row.
+        masks = SplitMasks(*(np.asarray(getattr(split, f"{s}_mask"), dtype=bool) for s in ("train", "val", "test")),
+                           boundaries={"cuts": _jsonable(getattr(split, "boundaries", {}) or {})})
     elif all(hasattr(split, s) for s in ("train", "val", "test")):
         keys = _keys(flows_all)
         masks = SplitMasks(
             *(np.asarray(keys.isin(_keys(getattr(split, s)))) for s in ("train", "val", "test")),
-            boundaries=_jsonable(getattr(split, "boundaries", {}) or {}),
+            boundaries={"cuts": _jsonable(getattr(split, "boundaries", {}) or {})},
         )
         found = int(masks.train.sum() + masks.val.sum() + masks.test.sum())
         expected = sum(len(getattr(split, s)) for s in ("train", "val", "test"))
@@ -162,8 +168,7 @@ def split_masks(flows_all: Any, split: Any, cfg: Any = None) -> SplitMasks:
             raise InputError(f"split mask {s!r}: expected shape ({n},), got {m.shape}")
     if (masks.train & masks.test).any() or (masks.val & masks.test).any() or (masks.train & masks.val).any():
         raise InputError("split: train, val and test overlap; each row belongs to at most one split")
-    if not masks.boundaries:
-        masks.boundaries = {s: _ts_range(ts[getattr(masks, s)]) for s in ("train", "val", "test")}
+    masks.boundaries = {**{s: _ts_range(ts[getattr(masks, s)]) for s in ("train", "val", "test")}, **masks.boundaries}
     return masks
 
 
@@ -584,6 +589,7 @@ def evaluate(archive: str, model_ref: str, report_dir: str, cfg: Any = None) -> 
     if flows.num_rows == 0:
         raise InputError(f"archive {archive}: no flows in the configured range (data.start={cfg.data.start!r}, data.end={cfg.data.end!r})")
     splits = time_split(flows, cfg)
+    flows = splits.flows  # time order, as the split was made
     data = score_split(scorer, flows, splits, cfg)
     results = summarize(data, model_meta(scorer))
     results["summary"]["archive"] = archive
