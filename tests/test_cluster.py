@@ -175,7 +175,7 @@ def test_job_scripts_named_in_manifests_exist():
 def test_config_overrides_in_manifests_are_valid_keys():
     from nadray.config import load_config
 
-    overrides = sorted({m for p in DEPLOY_TEXTS for m in re.findall(r"--set\s+([a-z_]+\.[a-z_]+=\S+)", p.read_text())})
+    overrides = sorted({m for p in DEPLOY_TEXTS for m in re.findall(r"--set\s+([a-z_]+\.[a-z_]+=[^\s`'\"]+)", p.read_text())})
     assert "nightly.serve_url=http://nadray-serve-svc:8000" in overrides
     load_config(None, overrides)  # raises ConfigError naming an unknown key or bad value
 
