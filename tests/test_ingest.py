@@ -376,10 +376,7 @@ def test_pcap_and_pcapng(shared_data, tmp_path):
     assert all(f.format == "pcap" and f.read > 0 and f.archived == f.read for f in rep.files)
     flows = archive.read_flows(str(tmp_path / "a"))
     assert flows["label"].null_count == flows.num_rows
-    assert set(flows["proto"].unique().to_pylist()) <= {"tcp", "udp", "icmp", "ipv6-icmp", "igmp", "2"} | \
-        set(flows["proto"].unique().to_pylist())
     espn = flows.filter(pc.match_substring(flows["source"], "http_espn"))
-    assert espn["source_row"].to_pylist() == sorted(espn["source_row"].to_pylist()) or True
     assert sorted(espn["source_row"].to_pylist()) == list(range(espn.num_rows))
     assert "tcp" in espn["proto"].to_pylist()
 

@@ -252,7 +252,10 @@ class Validator:
         """Non-negative integer (decimal, optionally ``0x`` hex) in [lo, hi]; null values allowed."""
         arr = pc.utf8_trim_whitespace(arr)
         isnull = self._null_mask(arr, nulls)
-        rule = "a non-negative integer" if hi is None else f"an integer in {lo}..{hi}"
+        if hi is not None:
+            rule = f"an integer in {lo}..{hi}"
+        else:
+            rule = "a non-negative integer" if lo == 0 else f"an integer >= {lo}"
         if required:
             self.fail(isnull, name, rule + " (required field)", arr)
         dec = pc.match_substring_regex(arr, r"^\+?[0-9]{1,18}$")
