@@ -161,6 +161,14 @@ class IsolationForestBaseline:
         return -self.model_.score_samples(X)
 
 
+def _one_thread():
+    """OpenMP limited to one thread: on a shared or busy machine (Ray workers, CI) more
+    threads than free cores make HistGradientBoosting many times slower, not faster."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="openmp")
+
+
 class HistGradientBoostingBaseline:
     """Class-weighted gradient boosting on per-event features: the supervised upper reference.
 
@@ -217,7 +225,7 @@ class HistGradientBoostingBaseline:
                 f"among the labelled training rows, got only {classes} ({int(known.sum())} labelled of {len(y)} rows)"
             )
         n_small = int(min(np.sum(y[known] == 0), np.sum(y[known] == 1)))
-        self.model_ = HistGradientBoostingClassifier(
+        model = HistGradientBoostingClassifier(
             max_iter=self.max_iter,
             learning_rate=self.learning_rate,
             max_leaf_nodes=self.max_leaf_nodes,
@@ -225,7 +233,9 @@ class HistGradientBoostingBaseline:
             random_state=self.random_state,
             # An internal validation split needs a few rows of each class to stop early.
             early_stopping=bool(n_small >= 20 and known.sum() >= 1000),
-        ).fit(X[known], y[known].astype(int))
+        )
+        with _one_thread():
+            self.model_ = model.fit(X[known], y[known].astype(int))
         self.n_features_in_ = X.shape[1]
         self.n_train_rows_ = int(known.sum())
         self.classes_ = np.array(classes)
@@ -236,7 +246,8 @@ class HistGradientBoostingBaseline:
         _check_fitted(self, "model_")
         X = _as_matrix(X)
         _check_n_features(self, X)
-        return self.model_.predict_proba(X)[:, 1]
+        with _one_thread():
+            return self.model_.predict_proba(X)[:, 1]
 
 
 # Activity measures for the EWMA baseline, by FeatureEncoder feature name: bytes,
