@@ -186,8 +186,12 @@ def test_evaluate_split_with_a_real_scorer(flows):
     assert len(frame) == splits.test_mask.sum()
 
 
-def test_evaluate_command_writes_metrics_and_report(flows, tmp_path):
-    """`nadray evaluate` on a registered tiny model: the split comes from the checkpoint's config."""
+def test_evaluate_command_writes_metrics_and_report(flows, tmp_path, ray_session):
+    """`nadray evaluate` on a registered tiny model: the split comes from the checkpoint's config.
+
+    No Ray Train: the model is untrained, registered with the registry API (the
+    archive is read with Ray Data, hence the session's Ray).
+    """
     from nadray import archive, registry
     from nadray.evaluate import evaluate
     from nadray.scorer import Scorer
