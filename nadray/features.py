@@ -1,0 +1,505 @@
+"""Entities, per-event features, frozen vocabularies, the scaler and LSTM windows.
+
+A flow becomes one *event* per entity (the local endpoint; DESIGN.md): outbound
+and inbound flows give one event, internal (both local) and unknown (neither
+local) flows give two. Features are computed in two pure, vectorised stages so
+that batch scoring and the online endpoint run the same code:
+
+1. ``explode(flows, cfg) -> raw events`` (a DataFrame): orient each flow from its
+   entity's point of view (bytes out / in, the peer, the service port). Row-local.
+2. ``FeatureEncoder.encode(raw)``: per-entity sequence features (time since the
+   entity's previous event, distinct peers and ports over its last
+   ``data.context_window`` events), one-hots from frozen vocabularies, and the
+   standardisation fitted on the training split. Depends only on each entity's
+   own earlier events, so the online endpoint, which keeps each entity's last
+   ``history_events(cfg)`` raw events, reproduces batch features exactly.
+
+In ``data.granularity == "bin"`` mode stage 1 is followed by ``bin_events``:
+one event per (entity, time bin), zero-activity bins included between an
+entity's first and last bin (a host going silent is a signal).
+
+Never used as features: IP addresses and raw port numbers (they do not
+generalise across networks); ports enter only as a class.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from nadray.config import Config
+from nadray.errors import NadrayError
+from nadray.schema import TIME_ORDER
+
+FORMAT_VERSION = 1
+
+# Vocabulary sizes: the K most frequent training values, the rest map to "other".
+# Enough for Zeek's protocols, its 13 conn_states and the common services.
+VOCAB_SIZES = {"proto": 6, "conn_state": 12, "service": 10}
+DIRECTIONS = ["outbound", "inbound", "internal", "unknown"]
+PORT_CLASSES = ["well_known", "registered", "dynamic", "none"]
+
+# Continuous per-event features (before standardisation).
+FLOW_CONTINUOUS = [
+    "log_bytes_out", "log_bytes_in", "log_pkts_out", "log_pkts_in", "log_duration", "log_flows",
+    "log_dt", "peers_ratio", "ports_ratio",
+]
+BIN_CONTINUOUS = [
+    "log_bytes_out", "log_bytes_in", "log_pkts_out", "log_pkts_in", "log_duration", "log_flows",
+    "log_peers", "log_ports",
+]
+
+# Raw event columns produced by stage 1 (and kept per entity by the online context).
+RAW_COLUMNS = [
+    "entity", "side", "flow_index", "ts", "source", "source_row", "direction", "proto", "conn_state",
+    "service", "bytes_out", "bytes_in", "pkts_out", "pkts_in", "duration", "flows", "peer", "port", "label",
+]
+
+
+# --------------------------------------------------------------------------- entities
+
+
+@lru_cache(maxsize=64)
+def _networks(nets: tuple[str, ...]) -> tuple:
+    return tuple(ipaddress.ip_network(n, strict=False) for n in nets)
+
+
+def _locality(hosts: np.ndarray, networks: tuple[str, ...], non_ip: bool) -> np.ndarray:
+    """Per host string: in a local network? Each distinct host is parsed once.
+
+    ``non_ip``: what a host that is not an IP address counts as (cs448b names local
+    hosts "3" on the source side and remote ASNs "AS15169" on the destination side).
+    """
+    uniq, inv = np.unique(hosts.astype(str), return_inverse=True)
+    nets = _networks(networks)
+    out = np.empty(len(uniq), dtype=bool)
+    for i, h in enumerate(uniq):  # one parse per distinct host, not per row
+        try:
+            addr = ipaddress.ip_address(h)
+        except ValueError:
+            out[i] = non_ip and not h.upper().startswith("AS")
+            continue
+        out[i] = any(addr in n for n in nets if n.version == addr.version)
+    return out[inv]
+
+
+def local_sides(flows: pa.Table, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """(src_is_local, dst_is_local) per flow: source flags first, then local_networks."""
+    nets = tuple(cfg.data.local_networks)
+    src = _locality(flows.column("src_ip").to_numpy(zero_copy_only=False), nets, non_ip=True)
+    dst = _locality(flows.column("dst_ip").to_numpy(zero_copy_only=False), nets, non_ip=False)
+    for col, arr in (("local_orig", src), ("local_resp", dst)):
+        if col in flows.column_names:
+            flag = flows.column(col).to_pandas()
+            known = flag.notna().to_numpy()
+            arr[known] = flag[known].astype(bool).to_numpy()
+    return src, dst
+
+
+# --------------------------------------------------------------------------- stage 1
+
+
+def _col(df: pd.DataFrame, name: str, default: Any = np.nan) -> pd.Series:
+    if name in df.columns:
+        return df[name]
+    return pd.Series(default, index=df.index)
+
+
+def explode(flows: pa.Table, cfg: Config) -> pd.DataFrame:
+    """One raw event per (flow, entity), oriented from the entity's side.
+
+    Returns a DataFrame with ``RAW_COLUMNS``; ``flow_index`` is the row of ``flows``;
+    ``ts`` is int64 microseconds. Rows are in (entity, ts, source, source_row, side)
+    order.
+    """
+    src_local, dst_local = local_sides(flows, cfg)
+    df = flows.to_pandas(types_mapper=None)
+    n = len(df)
+    both_or_none = src_local == dst_local
+    src_event = src_local | both_or_none
+    dst_event = dst_local | both_or_none
+    direction = np.where(
+        src_local & dst_local, "internal",
+        np.where(src_local, "outbound", np.where(dst_local, "inbound", "unknown")),
+    )
+    ts = pd.to_datetime(df["ts"], utc=True).astype("datetime64[us, UTC]").array.asi8 if n else np.zeros(0, "int64")
+    num = {c: pd.to_numeric(_col(df, c), errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
+           for c in ("src_bytes", "dst_bytes", "src_pkts", "dst_pkts", "duration", "flows", "dst_port")}
+    label = pd.to_numeric(_col(df, "label"), errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
+    common = {
+        "ts": ts,
+        "source": df["source"].astype(str).to_numpy(),
+        "source_row": df["source_row"].to_numpy(dtype="int64"),
+        "direction": direction,
+        "proto": _col(df, "proto", None).to_numpy(dtype=object),
+        "conn_state": _col(df, "conn_state", None).to_numpy(dtype=object),
+        "service": _col(df, "service", None).to_numpy(dtype=object),
+        "duration": num["duration"],
+        "flows": np.where(np.isnan(num["flows"]), 1.0, num["flows"]),
+        # The service (responder) port: the port that says what the conversation is,
+        # for inbound and outbound flows alike; only its class becomes a feature.
+        "port": num["dst_port"],
+        "label": label,
+    }
+    src_ip = df["src_ip"].astype(str).to_numpy()
+    dst_ip = df["dst_ip"].astype(str).to_numpy()
+    idx = np.arange(n, dtype="int64")
+    parts = []
+    for side, mask, ent, peer, out_b, in_b, out_p, in_p in (
+        (0, src_event, src_ip, dst_ip, "src_bytes", "dst_bytes", "src_pkts", "dst_pkts"),
+        (1, dst_event, dst_ip, src_ip, "dst_bytes", "src_bytes", "dst_pkts", "src_pkts"),
+    ):
+        part = {k: v[mask] for k, v in common.items()}
+        part.update(
+            entity=ent[mask], side=np.full(int(mask.sum()), side, dtype="int8"), flow_index=idx[mask],
+            peer=peer[mask], bytes_out=num[out_b][mask], bytes_in=num[in_b][mask],
+            pkts_out=num[out_p][mask], pkts_in=num[in_p][mask],
+        )
+        parts.append(pd.DataFrame(part))
+    raw = pd.concat(parts, ignore_index=True)[RAW_COLUMNS]
+    return sort_raw(raw)
+
+
+def sort_raw(raw: pd.DataFrame) -> pd.DataFrame:
+    """(entity, ts, source, source_row, side) order: every run orders events the same way."""
+    return raw.sort_values(["entity", "ts", "source", "source_row", "side"], kind="stable").reset_index(drop=True)
+
+
+def bin_events(raw: pd.DataFrame, cfg: Config, start_bins: dict[str, int] | None = None) -> pd.DataFrame:
+    """Aggregate raw events to one event per (entity, time bin), zero bins included.
+
+    ``start_bins``: per entity, the first bin to fill zeros from (the online context
+    passes max(entity's first bin ever, retained horizon)); default: the entity's
+    first bin in ``raw``. Adds columns ``bin``, ``log_peers``/``log_ports`` inputs
+    (``n_peers``, ``n_ports``), ``share_<proto>`` inputs (``proto`` lists) and
+    ``flow_indices`` is not kept: flows map to bins through (entity, bin).
+    """
+    width = int(cfg.data.bin_seconds) * 1_000_000
+    raw = raw.assign(bin=raw["ts"].to_numpy() // width)
+    g = raw.groupby(["entity", "bin"], sort=True)
+    dur_w = raw["duration"].fillna(0.0) * raw["flows"]
+    agg = pd.DataFrame({
+        "flows": g["flows"].sum(),
+        "bytes_out": g["bytes_out"].sum(min_count=1),
+        "bytes_in": g["bytes_in"].sum(min_count=1),
+        "pkts_out": g["pkts_out"].sum(min_count=1),
+        "pkts_in": g["pkts_in"].sum(min_count=1),
+        "duration": dur_w.groupby([raw["entity"], raw["bin"]]).sum() / g["flows"].sum().clip(lower=1),
+        "n_peers": g["peer"].nunique(),
+        "n_ports": g["port"].nunique(),
+        "label": g["label"].max(),
+    })
+    # Protocol and direction mix of the bin, as counts (shares computed by the encoder).
+    mix = pd.crosstab([raw["entity"], raw["bin"]], raw["proto"].fillna("none").astype(str), values=raw["flows"],
+                      aggfunc="sum").fillna(0.0)
+    mix.columns = [f"proto_count={c}" for c in mix.columns]
+    dmix = pd.crosstab([raw["entity"], raw["bin"]], raw["direction"], values=raw["flows"], aggfunc="sum").fillna(0.0)
+    dmix.columns = [f"dir_count={c}" for c in dmix.columns]
+    agg = agg.join(mix).join(dmix).reset_index()
+    # Zero-activity bins between each entity's first and last bin.
+    first = agg.groupby("entity")["bin"].min()
+    if start_bins:
+        sb = pd.Series(start_bins, dtype="int64").reindex(first.index)
+        first = sb.where(sb.notna(), first).astype("int64")
+    last = agg.groupby("entity")["bin"].max()
+    lengths = (last - first + 1).clip(lower=1).to_numpy()
+    ents = np.repeat(first.index.to_numpy(dtype=object), lengths)
+    offs = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    bins = np.repeat(first.to_numpy(), lengths) + offs
+    full = pd.DataFrame({"entity": ents, "bin": bins})
+    full = full.merge(agg, on=["entity", "bin"], how="left")
+    count_cols = [c for c in full.columns if c.startswith(("proto_count=", "dir_count="))]
+    full[["flows", "n_peers", "n_ports"] + count_cols] = full[["flows", "n_peers", "n_ports"] + count_cols].fillna(0.0)
+    full["ts"] = full["bin"].to_numpy() * width
+    full["side"] = 0
+    full["source"] = ""
+    full["source_row"] = 0
+    return full.sort_values(["entity", "bin"], kind="stable").reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def group_starts(entity: np.ndarray) -> np.ndarray:
+    """For rows sorted by entity: the index of the first row of each row's entity."""
+    n = len(entity)
+    if n == 0:
+        return np.zeros(0, dtype="int64")
+    new = np.ones(n, dtype=bool)
+    new[1:] = entity[1:] != entity[:-1]
+    starts = np.flatnonzero(new)
+    return starts[np.cumsum(new) - 1].astype("int64")
+
+
+def _distinct_in_window(codes: np.ndarray, gstart: np.ndarray, window: int) -> np.ndarray:
+    """Distinct non-negative codes among rows [max(gstart, i-window+1), i], per row i."""
+    n = len(codes)
+    out = np.zeros(n, dtype="float64")
+    chunk = max(1, 4_000_000 // window)
+    offs = np.arange(-window + 1, 1)
+    for lo in range(0, n, chunk):
+        rows = np.arange(lo, min(n, lo + chunk))
+        j = rows[:, None] + offs[None, :]
+        valid = j >= gstart[rows][:, None]
+        m = np.where(valid, codes[np.clip(j, 0, None)], -1)
+        s = np.sort(m, axis=1)
+        changes = (s[:, 1:] != s[:, :-1]).sum(axis=1) + 1
+        out[rows] = changes - (s[:, 0] < 0)
+    return out
+
+
+def _port_class(port: np.ndarray) -> np.ndarray:
+    p = np.asarray(port, dtype="float64")
+    return np.where(np.isnan(p), "none", np.where(p < 1024, "well_known", np.where(p < 49152, "registered", "dynamic")))
+
+
+def _norm_cat(values: pd.Series | np.ndarray) -> np.ndarray:
+    s = pd.Series(values, dtype=object)
+    s = s.where(s.notna() & (s.astype(str) != ""), "none")
+    return s.astype(str).str.lower().to_numpy(dtype=object)
+
+
+def _one_hot(values: np.ndarray, vocab: list[str]) -> np.ndarray:
+    """Columns: vocab..., "other". "none" is in the vocabulary when training saw nulls."""
+    codes = pd.Categorical(values, categories=vocab).codes.astype("int64")
+    codes = np.where(codes < 0, len(vocab), codes)
+    out = np.zeros((len(values), len(vocab) + 1), dtype="float32")
+    out[np.arange(len(values)), codes] = 1.0
+    return out
+
+
+@dataclass
+class Events:
+    """Encoded events, one row per (flow, entity) (or per entity-bin), entity then time order.
+
+    x : float32 (n, F); entity : object (n,); ts : int64 microseconds (n,);
+    flow_index : int64 (n,) row of the input table (-1 for a zero-activity bin);
+    label : float (n,) NaN unknown; group_start : int64 (n,) first row of the entity;
+    bin : int64 (n,) or None; feature_names : list[str].
+    """
+
+    x: np.ndarray
+    entity: np.ndarray
+    ts: np.ndarray
+    flow_index: np.ndarray
+    label: np.ndarray
+    group_start: np.ndarray
+    feature_names: list[str]
+    bin: np.ndarray | None = None
+    # For bin mode: (flow_index, event row) pairs mapping each flow to its entity-bins.
+    flow_map: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+@dataclass
+class FeatureEncoder:
+    """Vocabularies and scaler, fitted on the training split only; JSON-safe.
+
+    Example
+    -------
+    >>> enc = FeatureEncoder.fit(train_flows, cfg)          # doctest: +SKIP
+    >>> events = enc.transform(all_flows)                   # doctest: +SKIP
+    >>> events.x.shape == (len(events), len(enc.feature_names_))  # doctest: +SKIP
+    """
+
+    granularity: str = "flow"
+    bin_seconds: int = 60
+    context_window: int = 64
+    local_networks: list[str] = field(default_factory=list)
+    vocab_: dict[str, list[str]] = field(default_factory=dict)
+    mean_: list[float] = field(default_factory=list)
+    std_: list[float] = field(default_factory=list)
+    feature_names_: list[str] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ fit / transform
+    @classmethod
+    def fit(cls, train_flows: pa.Table, cfg: Config) -> FeatureEncoder:
+        if train_flows.num_rows == 0:
+            raise NadrayError("training split has no flows: widen data.train_fraction or data.train_end")
+        enc = cls(
+            granularity=cfg.data.granularity, bin_seconds=int(cfg.data.bin_seconds),
+            context_window=int(cfg.data.context_window), local_networks=list(cfg.data.local_networks),
+        )
+        raw = explode(train_flows, cfg)
+        for col, k in VOCAB_SIZES.items():
+            vals = pd.Series(_norm_cat(raw[col].to_numpy()))
+            counts = vals.value_counts()
+            enc.vocab_[col] = sorted(counts.index[:k].tolist(), key=lambda v: (-counts[v], v))
+        cont, names = enc._continuous(enc._units(raw))
+        mean = cont.mean(axis=0) if len(cont) else np.zeros(cont.shape[1])
+        std = cont.std(axis=0) if len(cont) else np.ones(cont.shape[1])
+        enc.mean_ = [float(v) for v in mean]
+        enc.std_ = [float(v) if v > 1e-6 else 1.0 for v in std]
+        enc.feature_names_ = names + enc._categorical_names()
+        return enc
+
+    def _cfg(self) -> Config:
+        cfg = Config()
+        cfg.data.granularity = self.granularity  # type: ignore[assignment]
+        cfg.data.bin_seconds = self.bin_seconds
+        cfg.data.context_window = self.context_window
+        cfg.data.local_networks = list(self.local_networks)
+        return cfg
+
+    def explode(self, flows: pa.Table) -> pd.DataFrame:
+        return explode(flows, self._cfg())
+
+    def _units(self, raw: pd.DataFrame, start_bins: dict[str, int] | None = None) -> pd.DataFrame:
+        """The modelled units: raw events (flow mode) or entity-bins (bin mode)."""
+        if self.granularity == "bin":
+            return bin_events(raw, self._cfg(), start_bins)
+        return raw
+
+    def _continuous(self, units: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+        ent = units["entity"].to_numpy()
+        gs = group_starts(ent)
+        l1p = lambda c: np.log1p(np.clip(units[c].to_numpy(dtype="float64", na_value=np.nan), 0, None))  # noqa: E731
+        cols = [l1p("bytes_out"), l1p("bytes_in"), l1p("pkts_out"), l1p("pkts_in"), l1p("duration"), l1p("flows")]
+        if self.granularity == "bin":
+            cols += [np.log1p(units["n_peers"].to_numpy(dtype="float64")), np.log1p(units["n_ports"].to_numpy(dtype="float64"))]
+            names = list(BIN_CONTINUOUS)
+        else:
+            ts = units["ts"].to_numpy(dtype="int64")
+            dt = np.zeros(len(ts))
+            if len(ts) > 1:
+                dt[1:] = (ts[1:] - ts[:-1]) / 1e6
+            dt[np.arange(len(ts)) == gs] = 0.0
+            pos = np.arange(len(ts)) - gs
+            wlen = np.minimum(pos + 1, self.context_window).astype("float64")
+            peers = pd.factorize(units["peer"])[0]
+            ports = units["port"].to_numpy(dtype="float64", na_value=np.nan)
+            pcodes = np.where(np.isnan(ports), -1, np.nan_to_num(ports, nan=-1)).astype("int64")
+            cols += [
+                np.log1p(np.clip(dt, 0, None)),
+                _distinct_in_window(peers.astype("int64"), gs, self.context_window) / wlen,
+                _distinct_in_window(pcodes, gs, self.context_window) / wlen,
+            ]
+            names = list(FLOW_CONTINUOUS)
+        cont = np.nan_to_num(np.column_stack(cols), nan=0.0, posinf=0.0, neginf=0.0) if len(units) else np.zeros((0, len(names)))
+        return cont, names
+
+    def _categorical_names(self) -> list[str]:
+        names = []
+        if self.granularity == "bin":
+            names += [f"dir_share={d}" for d in DIRECTIONS]
+            names += [f"proto_share={v}" for v in self.vocab_["proto"]] + ["proto_share=other"]
+            return names
+        names += [f"direction={d}" for d in DIRECTIONS]
+        for col in VOCAB_SIZES:
+            names += [f"{col}={v}" for v in self.vocab_[col]] + [f"{col}=other"]
+        names += [f"port_class={c}" for c in PORT_CLASSES]
+        return names
+
+    def _categorical(self, units: pd.DataFrame) -> np.ndarray:
+        n = len(units)
+        if self.granularity == "bin":
+            total = units["flows"].to_numpy(dtype="float64")
+            denom = np.where(total > 0, total, 1.0)
+            dirs = np.column_stack([units.get(f"dir_count={d}", pd.Series(0.0, index=units.index)).to_numpy(dtype="float64")
+                                    for d in DIRECTIONS]) / denom[:, None]
+            pcols = [c for c in units.columns if c.startswith("proto_count=")]
+            vocab = self.vocab_["proto"]
+            shares = np.zeros((n, len(vocab) + 1))
+            for c in pcols:
+                name = c.split("=", 1)[1].lower()
+                k = vocab.index(name) if name in vocab else len(vocab)
+                shares[:, k] += units[c].to_numpy(dtype="float64")
+            return np.column_stack([dirs, shares / denom[:, None]]).astype("float32")
+        blocks = [_one_hot(units["direction"].to_numpy(dtype=object), DIRECTIONS)[:, :-1]]
+        for col in VOCAB_SIZES:
+            blocks.append(_one_hot(_norm_cat(units[col].to_numpy()), self.vocab_[col]))
+        blocks.append(_one_hot(_port_class(units["port"].to_numpy(dtype="float64", na_value=np.nan)), PORT_CLASSES)[:, :-1])
+        return np.concatenate(blocks, axis=1)
+
+    def encode(self, raw: pd.DataFrame, start_bins: dict[str, int] | None = None) -> Events:
+        """Stage 2: features of raw events already in (entity, time) order."""
+        if not self.feature_names_:
+            raise NadrayError("FeatureEncoder is not fitted: call FeatureEncoder.fit(train_flows, cfg) first")
+        units = self._units(raw, start_bins)
+        cont, _ = self._continuous(units)
+        cont = (cont - np.asarray(self.mean_)) / np.asarray(self.std_)
+        x = np.concatenate([cont.astype("float32"), self._categorical(units)], axis=1) if len(units) else \
+            np.zeros((0, len(self.feature_names_)), dtype="float32")
+        ent = units["entity"].to_numpy(dtype=object)
+        ev = Events(
+            x=np.ascontiguousarray(x, dtype="float32"), entity=ent, ts=units["ts"].to_numpy(dtype="int64"),
+            flow_index=units["flow_index"].to_numpy(dtype="int64") if "flow_index" in units else np.full(len(units), -1),
+            label=units["label"].to_numpy(dtype="float64", na_value=np.nan), group_start=group_starts(ent),
+            feature_names=list(self.feature_names_),
+        )
+        if self.granularity == "bin":
+            ev.bin = units["bin"].to_numpy(dtype="int64")
+            width = self.bin_seconds * 1_000_000
+            key = pd.MultiIndex.from_arrays([ent, ev.bin])
+            rk = pd.MultiIndex.from_arrays([raw["entity"].to_numpy(dtype=object), raw["ts"].to_numpy() // width])
+            rows = key.get_indexer(rk)
+            ev.flow_map = (raw["flow_index"].to_numpy(dtype="int64"), rows.astype("int64"))
+        return ev
+
+    def transform(self, flows: pa.Table) -> Events:
+        """Stages 1 and 2 for a flow table (its rows in any order; time order is imposed)."""
+        return self.encode(self.explode(flows))
+
+    # ------------------------------------------------------------------ persistence
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names_)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION, "granularity": self.granularity, "bin_seconds": self.bin_seconds,
+            "context_window": self.context_window, "local_networks": list(self.local_networks),
+            "vocab": self.vocab_, "mean": self.mean_, "std": self.std_, "feature_names": self.feature_names_,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FeatureEncoder:
+        try:
+            enc = cls(
+                granularity=str(d["granularity"]), bin_seconds=int(d["bin_seconds"]),
+                context_window=int(d["context_window"]), local_networks=[str(n) for n in d["local_networks"]],
+                vocab_={str(k): [str(v) for v in vs] for k, vs in d["vocab"].items()},
+                mean_=[float(v) for v in d["mean"]], std_=[float(v) for v in d["std"]],
+                feature_names_=[str(v) for v in d["feature_names"]],
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise NadrayError(f"feature encoder: malformed ({e.__class__.__name__}: {e})") from None
+        if enc.granularity not in ("flow", "bin") or len(enc.mean_) != len(enc.std_):
+            raise NadrayError(f"feature encoder: malformed (granularity {enc.granularity!r}, "
+                              f"{len(enc.mean_)} means vs {len(enc.std_)} stds)")
+        return enc
+
+
+def history_events(cfg_or_enc: Config | FeatureEncoder, sequence_length: int | None = None) -> int:
+    """Raw events (flow mode) or bins (bin mode) per entity that reproduce batch features online."""
+    if isinstance(cfg_or_enc, Config):
+        return cfg_or_enc.data.sequence_length + cfg_or_enc.data.context_window + 1
+    assert sequence_length is not None
+    return sequence_length + cfg_or_enc.context_window + 1
+
+
+# --------------------------------------------------------------------------- windows
+
+
+def make_windows(x: np.ndarray, group_start: np.ndarray, idx: np.ndarray, sequence_length: int) -> np.ndarray:
+    """Windows ending at events ``idx``: (len(idx), L+1, F+1) float32.
+
+    Row k holds events [i-L, ..., i] of i = idx[k]'s entity, left-padded with zeros
+    where the entity has less history; the last channel is 1 for a real event, 0 for
+    padding. The LSTM reads steps 0..L-1 to predict event i and step L to classify it.
+    """
+    L = int(sequence_length)
+    idx = np.asarray(idx, dtype="int64")
+    j = idx[:, None] + np.arange(-L, 1)[None, :]
+    valid = j >= group_start[idx][:, None]
+    w = x[np.where(valid, j, idx[:, None])]
+    w *= valid[:, :, None]
+    return np.concatenate([w, valid[:, :, None].astype("float32")], axis=2)

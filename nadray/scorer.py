@@ -1,0 +1,265 @@
+"""``Scorer``: one class, built from a checkpoint, for batch scoring and Ray Serve.
+
+Made-With-ML's ``TorchPredictor`` idea: ``from_ref`` loads a registry version,
+``score_table`` scores a flow table (each record with its entity's earlier
+records in that table as context), ``__call__`` adapts it to Ray Data
+``map_batches``, and ``score_online`` + ``new_context`` give the Serve
+deployment the same scores one small batch at a time.
+
+Example
+-------
+>>> scorer = Scorer.from_ref("s3://models/nadray")          # doctest: +SKIP
+>>> out = scorer.score_table(flows)                          # doctest: +SKIP
+>>> out[["entity", "score", "is_anomaly"]].head()            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from nadray.errors import NadrayError
+from nadray.features import Events, FeatureEncoder, history_events, make_windows, sort_raw
+from nadray.model import ModelArgs, combine_scores
+from nadray.schema import FLOW_SCHEMA
+from nadray.threshold import Threshold
+
+OUTPUT_COLUMNS = ["source", "source_row", "ts", "entity", "score", "is_anomaly", "threshold", "model_version",
+                  "label", "label_detail"]
+# Windows per forward pass: big enough to amortise torch overhead, small enough
+# that a batch of (B, L+1, F+1) float32 windows stays ~30 MB.
+SCORE_BATCH = 8192
+
+
+class EntityContext:
+    """Per-entity recent raw events for online scoring (an LRU over entities).
+
+    Each entity keeps its last ``keep`` raw events (flow mode) or the events of its
+    last ``keep`` bins (bin mode): exactly what the features and windows of its next
+    event need, so online scores equal batch scores.
+    """
+
+    def __init__(self, max_entities: int, keep: int):
+        if max_entities < 1:
+            raise NadrayError(f"max_entities must be >= 1, got {max_entities}")
+        self.max_entities = int(max_entities)
+        self.keep = int(keep)
+        self.evictions = 0
+        self._data: OrderedDict[str, pd.DataFrame] = OrderedDict()
+        self._first_bin: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, entity: str) -> bool:
+        return entity in self._data
+
+    def get(self, entity: str) -> pd.DataFrame | None:
+        return self._data.get(entity)
+
+    def put(self, entity: str, events: pd.DataFrame) -> None:
+        self._data[entity] = events
+        self._data.move_to_end(entity)
+        while len(self._data) > self.max_entities:
+            old, _ = self._data.popitem(last=False)
+            self._first_bin.pop(old, None)
+            self.evictions += 1
+
+    def entities(self) -> list[str]:
+        return list(self._data)
+
+
+class Scorer:
+    """Scores flows with a trained LSTM; thresholds with a ``Threshold``."""
+
+    def __init__(self, model: Any, encoder: FeatureEncoder, threshold: Threshold, meta: dict[str, Any],
+                 err_norm: np.ndarray | None = None, z: dict[str, float] | None = None, version: str | None = None):
+        import torch
+
+        self.model = model.eval()
+        self.args: ModelArgs = model.args
+        self.encoder = encoder
+        self.threshold = threshold
+        self.meta = meta
+        self.err_norm = None if err_norm is None else np.asarray(err_norm, dtype="float64")
+        self.z = dict(z or {})
+        self.version = version or meta.get("version") or "unregistered"
+        self._torch = torch
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_ref(cls, ref: str, name: str | None = None) -> Scorer:
+        """Load ``REGISTRY_URI[@champion|@VERSION]`` (validated: see ``registry.load``)."""
+        import torch
+
+        from nadray import registry
+        from nadray.model import EventLSTM
+
+        tensors, meta, where = registry.load(ref, name or registry.DEFAULT_NAME)
+        args = ModelArgs.from_dict(meta["model_args"])
+        model = EventLSTM(args)
+        model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in tensors.items()})
+        encoder = FeatureEncoder.from_dict(meta["encoder"])
+        if encoder.n_features != args.n_features:
+            raise NadrayError(f"model {ref}: encoder has {encoder.n_features} features, model expects {args.n_features}")
+        err_norm = meta.get("err_norm")
+        return cls(model, encoder, Threshold.from_dict(meta["threshold"]), meta,
+                   err_norm=None if err_norm is None else np.asarray(err_norm, "float64"),
+                   z=meta.get("score_z"), version=where.version)
+
+    def set_threshold(self, value: float) -> None:
+        """Change the alert threshold without retraining (Serve's ``reconfigure``)."""
+        value = float(value)
+        if not np.isfinite(value):
+            raise NadrayError(f"threshold must be finite, got {value!r}")
+        self.threshold = Threshold(value, "manual", self.threshold.target_fpr, {"previous": self.threshold.to_dict()})
+
+    # ------------------------------------------------------------------ core
+    def event_outputs(self, events: Events, idx: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per-feature squared prediction errors (n, F) and logits (n,) for events ``idx`` (default: all)."""
+        torch = self._torch
+        from nadray.model import squared_errors
+
+        idx = np.arange(len(events)) if idx is None else np.asarray(idx, dtype="int64")
+        sq = np.zeros((len(idx), events.x.shape[1]), dtype="float32")
+        lg = np.zeros(len(idx), dtype="float32")
+        with torch.inference_mode():
+            for lo in range(0, len(idx), SCORE_BATCH):
+                w = torch.from_numpy(make_windows(events.x, events.group_start, idx[lo:lo + SCORE_BATCH],
+                                                  self.args.sequence_length))
+                pred, logit = self.model(w)
+                sq[lo:lo + len(w)] = squared_errors(pred, w).numpy()
+                lg[lo:lo + len(w)] = logit.numpy()
+        return sq, lg
+
+    def combine(self, sqerr: np.ndarray, logit: np.ndarray) -> np.ndarray:
+        return combine_scores(sqerr, logit, self.args.objective, self.err_norm, self.z)
+
+    def event_scores(self, events: Events, idx: np.ndarray | None = None) -> np.ndarray:
+        return self.combine(*self.event_outputs(events, idx))
+
+    @staticmethod
+    def flow_scores(events: Events, scores: np.ndarray, n_flows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per flow: the highest score among its entities' events, and that entity."""
+        if events.flow_map is not None:
+            fi, rows = events.flow_map
+            ok = (fi >= 0) & (rows >= 0)
+            fi, rows = fi[ok], rows[ok]
+            s, ent = scores[rows], events.entity[rows]
+        else:
+            ok = events.flow_index >= 0
+            fi, s, ent = events.flow_index[ok], scores[ok], events.entity[ok]
+        order = np.lexsort((-s, fi))
+        fi, s, ent = fi[order], s[order], ent[order]
+        first = np.r_[True, fi[1:] != fi[:-1]] if len(fi) else np.zeros(0, bool)
+        out_s = np.full(n_flows, np.nan)
+        out_e = np.empty(n_flows, dtype=object)
+        out_s[fi[first]] = s[first]
+        out_e[fi[first]] = ent[first]
+        return out_s, out_e
+
+    def _output(self, flows: pa.Table, score: np.ndarray, entity: np.ndarray) -> pd.DataFrame:
+        if np.isnan(score).any():
+            raise NadrayError(f"internal: {int(np.isnan(score).sum())} flows got no score")
+        cols = flows.column_names
+        get = lambda c, default: flows.column(c).to_pandas() if c in cols else pd.Series([default] * flows.num_rows)  # noqa: E731
+        thr = float(self.threshold.value)
+        return pd.DataFrame({
+            "source": get("source", None).astype(object).to_numpy(),
+            "source_row": get("source_row", -1).to_numpy(dtype="int64"),
+            "ts": pd.to_datetime(get("ts", None), utc=True).to_numpy(),
+            "entity": entity.astype(object),
+            "score": score.astype("float64"),
+            "is_anomaly": score >= thr,
+            "threshold": np.full(len(score), thr),
+            "model_version": self.version,
+            "label": get("label", None).astype("Int8").to_numpy() if "label" in cols else pd.array([pd.NA] * len(score), dtype="Int8"),
+            "label_detail": get("label_detail", None).astype(object).to_numpy(),
+        })
+
+    # ------------------------------------------------------------------ batch
+    def score_table(self, flows: pa.Table) -> pd.DataFrame:
+        """One row per input flow (input order), each scored with its entity's earlier records in ``flows``."""
+        if flows.num_rows == 0:
+            return self._output(flows, np.zeros(0), np.empty(0, object))
+        events = self.encoder.transform(flows)
+        s, e = self.flow_scores(events, self.event_scores(events), flows.num_rows)
+        return self._output(flows, s, e)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Ray Data ``map_batches`` adapter: a batch of canonical columns -> score output columns.
+
+        The batch must hold whole entity histories (score.py groups by entity first).
+        """
+        table = _to_flow_table(batch)
+        out = self.score_table(table)
+        return {c: out[c].to_numpy() for c in out.columns}
+
+    # ------------------------------------------------------------------ online
+    def new_context(self, max_entities: int) -> EntityContext:
+        return EntityContext(max_entities, history_events(self.encoder, self.args.sequence_length))
+
+    def score_online(self, flows: pa.Table, context: EntityContext) -> pd.DataFrame:
+        """Score a small batch of new records with each entity's retained history; then update it.
+
+        Replaying a stream in time order through this method gives the same scores as
+        ``score_table`` on the whole stream.
+        """
+        if flows.num_rows == 0:
+            return self._output(flows, np.zeros(0), np.empty(0, object))
+        new = self.encoder.explode(flows)
+        ents = pd.unique(new["entity"])
+        hist = [context.get(e) for e in ents if e in context]
+        combined = sort_raw(pd.concat(hist + [new], ignore_index=True)) if hist else new
+        keep = context.keep
+        start_bins = None
+        if self.encoder.granularity == "bin":
+            width = self.encoder.bin_seconds * 1_000_000
+            start_bins = {}
+            first_new = (new.groupby("entity")["ts"].min() // width).astype("int64")
+            for e in ents:
+                # Zero bins start at the entity's first bin ever, or at the retained horizon.
+                fb = context._first_bin.setdefault(e, int(first_new[e]))
+                start_bins[e] = max(fb, int(first_new[e]) - keep + 1)
+        events = self.encoder.encode(combined, start_bins)
+        if events.flow_map is not None:
+            rows = np.unique(events.flow_map[1][(events.flow_map[0] >= 0) & (events.flow_map[1] >= 0)])
+        else:
+            rows = np.flatnonzero(events.flow_index >= 0)
+        scores = np.zeros(len(events))
+        scores[rows] = self.event_scores(events, rows)
+        s, e = self.flow_scores(events, scores, flows.num_rows)
+        # Update the context: history rows carry flow_index -1 so they never map to output rows.
+        combined = combined.assign(flow_index=-1)
+        if self.encoder.granularity == "bin":
+            width = self.encoder.bin_seconds * 1_000_000
+            b = combined["ts"] // width
+            last = b.groupby(combined["entity"]).transform("max")
+            combined = combined[b > last - keep]
+        else:
+            combined = combined.groupby("entity", sort=False).tail(keep)
+        for ent, part in combined.groupby("entity", sort=False):
+            context.put(ent, part.reset_index(drop=True))
+        return self._output(flows, s, e)
+
+
+def _to_flow_table(batch: dict[str, np.ndarray] | pd.DataFrame | pa.Table) -> pa.Table:
+    if isinstance(batch, pa.Table):
+        t = batch
+    else:
+        df = batch if isinstance(batch, pd.DataFrame) else pd.DataFrame({k: list(v) if np.asarray(v).ndim > 1 else v
+                                                                         for k, v in batch.items()})
+        t = pa.Table.from_pandas(df, preserve_index=False)
+    cols = {}
+    for f in FLOW_SCHEMA:
+        if f.name in t.column_names:
+            cols[f.name] = t.column(f.name).cast(f.type)
+        elif f.name == "flows":
+            cols[f.name] = pa.array(np.ones(t.num_rows, "int64"))
+        else:
+            cols[f.name] = pa.nulls(t.num_rows, f.type)
+    return pa.table(cols)

@@ -1,0 +1,122 @@
+"""Features: entities, orientation, vocabularies, scaler fitted on train only, bins, windows."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from _iot23 import read_captures
+from nadray.config import Config, load_config
+from nadray.errors import NadrayError
+from nadray.features import FeatureEncoder, explode, local_sides, make_windows
+from nadray.schema import FLOW_SCHEMA
+
+
+def flows_table(rows: list[dict]) -> pa.Table:
+    base = {"proto": "tcp", "flows": 1, "source": "t", "src_port": 40000, "dst_port": 443, "duration": 1.0,
+            "src_bytes": 100, "dst_bytes": 1000, "src_pkts": 2, "dst_pkts": 3}
+    full = []
+    for i, r in enumerate(rows):
+        d = {**base, "source_row": i, **r}
+        d["ts"] = pd.Timestamp(d["ts"], tz="UTC")
+        full.append(d)
+    return pa.Table.from_pylist(full, schema=FLOW_SCHEMA)
+
+
+def test_entities_direction_and_orientation():
+    t = flows_table([
+        {"ts": "2024-01-01 00:00:00", "src_ip": "10.0.0.1", "dst_ip": "8.8.8.8"},        # outbound
+        {"ts": "2024-01-01 00:00:01", "src_ip": "8.8.4.4", "dst_ip": "10.0.0.1"},        # inbound
+        {"ts": "2024-01-01 00:00:02", "src_ip": "10.0.0.1", "dst_ip": "192.168.1.5"},    # internal: two events
+        {"ts": "2024-01-01 00:00:03", "src_ip": "1.1.1.1", "dst_ip": "9.9.9.9"},         # unknown: two events
+        {"ts": "2024-01-01 00:00:04", "src_ip": "3", "dst_ip": "AS15169"},               # cs448b host ids
+        {"ts": "2024-01-01 00:00:05", "src_ip": "8.8.8.8", "dst_ip": "9.9.9.9", "local_orig": True},  # flag wins
+    ])
+    src, dst = local_sides(t, Config())
+    assert src.tolist() == [True, False, True, False, True, True]
+    assert dst.tolist() == [False, True, True, False, False, False]
+    raw = explode(t, Config())
+    per_flow = raw.groupby("flow_index").size()
+    assert per_flow.tolist() == [1, 1, 2, 2, 1, 1]
+    assert set(raw.loc[raw.flow_index == 2, "entity"]) == {"10.0.0.1", "192.168.1.5"}
+    assert set(raw.loc[raw.flow_index == 4, "entity"]) == {"3"}
+    inbound = raw[raw.flow_index == 1].iloc[0]
+    assert inbound.direction == "inbound" and inbound.entity == "10.0.0.1"
+    assert inbound.bytes_out == 1000 and inbound.bytes_in == 100  # oriented from the entity's side
+    assert sorted(raw.direction.unique()) == ["inbound", "internal", "outbound", "unknown"]
+
+
+@pytest.fixture(scope="module")
+def iot(shared_data):
+    return read_captures(shared_data, ["CTU-Honeypot-Capture-7-1", "CTU-Malware-Capture-44-1"])
+
+
+def test_no_addresses_or_raw_ports_among_features(iot):
+    enc = FeatureEncoder.fit(iot, Config())
+    ip = re.compile(r"\d+\.\d+\.\d+\.\d+|[0-9a-f]*:[0-9a-f]*:")
+    for name in enc.feature_names_:
+        assert not ip.search(name), name
+        assert not re.search(r"port\w*=\d", name), name
+    ev = enc.transform(iot)
+    assert ev.x.shape == (len(ev), enc.n_features) and ev.x.dtype == np.float32
+    assert np.isfinite(ev.x).all()
+
+
+def test_scaler_fit_on_train_only(iot):
+    n = iot.num_rows
+    train, rest = iot.slice(0, n // 2), iot.slice(n // 2)
+    enc = FeatureEncoder.fit(train, Config())
+    before = enc.to_dict()
+    enc.transform(rest)
+    enc.transform(iot)
+    assert enc.to_dict() == before
+    other = FeatureEncoder.fit(iot, Config())
+    assert other.mean_ != enc.mean_
+    # The continuous features of the training events are standardised (mean ~0).
+    ev = enc.transform(train)
+    k = len(enc.mean_)
+    assert np.allclose(ev.x[:, :k].mean(axis=0), 0, atol=1e-3)
+    # JSON round trip.
+    import json
+
+    again = FeatureEncoder.from_dict(json.loads(json.dumps(enc.to_dict())))
+    assert np.array_equal(again.transform(rest).x, enc.transform(rest).x)
+
+
+def test_bin_mode_inserts_zero_activity_bins():
+    cfg = load_config(None, ["data.granularity=bin", "data.bin_seconds=86400"])
+    t = flows_table([
+        {"ts": "2024-01-01", "src_ip": "3", "dst_ip": "AS1", "flows": 5},
+        {"ts": "2024-01-01", "src_ip": "3", "dst_ip": "AS2", "flows": 2},
+        {"ts": "2024-01-04", "src_ip": "3", "dst_ip": "AS1", "flows": 1},
+        {"ts": "2024-01-02", "src_ip": "4", "dst_ip": "AS1", "flows": 1},
+    ])
+    enc = FeatureEncoder.fit(t, cfg)
+    ev = enc.transform(t)
+    assert list(ev.entity) == ["3", "3", "3", "3", "4"]
+    assert ev.bin.tolist()[:4] == [19723, 19724, 19725, 19726]
+    i = enc.feature_names_.index("log_flows")
+    raw_flows = np.expm1(ev.x[:, i] * enc.std_[i] + enc.mean_[i])
+    assert np.allclose(raw_flows, [7, 0, 0, 1, 1], atol=1e-4)
+    j = enc.feature_names_.index("log_peers")
+    assert np.allclose(np.expm1(ev.x[:, j] * enc.std_[j] + enc.mean_[j]), [2, 0, 0, 1, 1], atol=1e-4)
+    fi, rows = ev.flow_map
+    assert dict(zip(fi.tolist(), rows.tolist())) == {0: 0, 1: 0, 2: 3, 3: 4}
+
+
+def test_windows_left_padded_with_mask():
+    x = np.arange(12, dtype="float32").reshape(6, 2)
+    gs = np.array([0, 0, 0, 3, 3, 3])
+    w = make_windows(x, gs, np.array([1, 5]), 3)
+    assert w.shape == (2, 4, 3)
+    assert w[0, :, 2].tolist() == [0, 0, 1, 1] and w[0, 2, :2].tolist() == [0, 1] and w[0, 3, :2].tolist() == [2, 3]
+    assert w[1, :, 2].tolist() == [0, 1, 1, 1] and w[1, 0, :2].tolist() == [0, 0]
+
+
+def test_empty_training_split_is_an_error():
+    with pytest.raises(NadrayError, match="training split"):
+        FeatureEncoder.fit(pa.Table.from_pylist([], schema=FLOW_SCHEMA), Config())
