@@ -165,7 +165,7 @@ def _read_strings(blob: bytes, columns: list[str], sep: bytes, expected: int) ->
     names = [f"c{i}" for i in range(len(columns))]
     table = pacsv.read_csv(
         io.BytesIO(blob + b"\n"),
-        read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 24),
+        read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 20),
         parse_options=pacsv.ParseOptions(
             delimiter=sep.decode(), quote_char=False, escape_char=False,
             newlines_in_values=False, ignore_empty_lines=False,
@@ -258,6 +258,19 @@ class Validator:
             rule = "a non-negative integer" if lo == 0 else f"an integer >= {lo}"
         if required:
             self.fail(isnull, name, rule + " (required field)", arr)
+        try:  # fast path: every set value is a plain decimal integer
+            vals = pc.if_else(isnull, pa.scalar(None, pa.string()), arr).cast(pa.int64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            vals = None
+        if vals is not None:
+            bad_range = pc.less(vals, lo)
+            if hi is not None:
+                bad_range = pc.or_(bad_range, pc.greater(vals, hi))
+            bad_range = pc.fill_null(bad_range, False)
+            if pc.any(bad_range).as_py():
+                self.fail(bad_range, name, rule, arr)
+                vals = pc.if_else(bad_range, pa.scalar(None, pa.int64()), vals)
+            return vals.cast(out)
         dec = pc.match_substring_regex(arr, r"^\+?[0-9]{1,18}$")
         if hex_ok:
             hexm = pc.match_substring_regex(arr, r"^0[xX][0-9a-fA-F]{1,15}$")
@@ -284,9 +297,15 @@ class Validator:
         arr = pc.utf8_trim_whitespace(arr)
         isnull = self._null_mask(arr, nulls)
         rule = "a finite number" if allow_negative else "a finite non-negative number"
-        ok = pc.match_substring_regex(arr, r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?$")
-        self.fail(pc.and_(pc.invert(isnull), pc.invert(ok)), name, rule, arr)
-        vals = pc.if_else(ok, arr, pa.scalar(None, pa.string())).cast(pa.float64())
+        try:
+            vals = pc.if_else(isnull, pa.scalar(None, pa.string()), arr).cast(pa.float64())
+            ok = None
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            vals = None
+        if vals is None:
+            ok = pc.match_substring_regex(arr, r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?$")
+            self.fail(pc.and_(pc.invert(isnull), pc.invert(ok)), name, rule, arr)
+            vals = pc.if_else(ok, arr, pa.scalar(None, pa.string())).cast(pa.float64())
         bad = pc.invert(pc.is_finite(vals))
         if not allow_negative:
             bad = pc.or_(bad, pc.less(vals, 0))
@@ -308,8 +327,17 @@ class Validator:
         """Epoch seconds (``1540469303.123456``) to int64 microseconds; ISO 8601 strings when ``iso_ok``."""
         arr = pc.utf8_trim_whitespace(arr)
         isnull = self._null_mask(arr, nulls)
-        num = pc.match_substring_regex(arr, r"^[0-9]{1,12}(\.[0-9]*)?([eE][+-]?[0-9]{1,2})?$")
-        f = pc.if_else(num, arr, pa.scalar(None, pa.string())).cast(pa.float64())
+        try:  # fast path: every set value is a number
+            f = pc.if_else(isnull, pa.scalar(None, pa.string()), arr).cast(pa.float64())
+            num = pc.invert(isnull)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            num = pc.match_substring_regex(arr, r"^[0-9]{1,12}(\.[0-9]*)?([eE][+-]?[0-9]{1,2})?$")
+            f = pc.if_else(num, arr, pa.scalar(None, pa.string())).cast(pa.float64())
+        notfinite = pc.fill_null(pc.invert(pc.is_finite(f)), False)
+        if pc.any(notfinite).as_py():
+            num = pc.and_(num, pc.invert(notfinite))
+            f = pc.if_else(notfinite, pa.scalar(None, pa.float64()), f)
+        f = pc.max_element_wise(pc.min_element_wise(f, 5e12, skip_nulls=False), -5e12, skip_nulls=False)  # far out of range, but no int64 overflow
         us = pc.round(pc.multiply(f, 1e6)).cast(pa.int64())
         rule = "epoch seconds or an ISO 8601 time" if iso_ok else "epoch seconds"
         other = pc.and_(pc.invert(isnull), pc.invert(num))
