@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pyarrow as pa
+from fastapi import Request  # module level: route annotations are resolved from these globals
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from nadray.schema import FLOW_SCHEMA, MAX_TS_US, MIN_TS_US
@@ -314,7 +315,7 @@ def _openapi_body(model: type[BaseModel]) -> dict:
 
 def create_api(backend: Backend, limits: Limits, digest: str | None = None, title: str = "nadray"):
     """The FastAPI app (routes, 4xx handling, token middleware) around ``backend``."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.openapi.utils import get_openapi
     from fastapi.responses import JSONResponse
 

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
+from nadray.errors import NadrayError
 from nadray.serving import api, routing
 from nadray.serving.shard import ShardCore, champion_version, event, load_scorer, split_ref
 
@@ -161,8 +162,11 @@ def _build_deployments():
             k = len(self.shards)
             p = routing.plan(flows, k, info["local_networks"])
             parts = p.take(flows)
-            calls = [self.shards[i].score.remote(t) if t is not None else None for i, t in enumerate(parts)]
-            answers = [await c if c is not None else None for c in calls]
+            try:
+                calls = [self.shards[i].score.remote(t) if t is not None else None for i, t in enumerate(parts)]
+                answers = [await c if c is not None else None for c in calls]
+            except NadrayError as e:  # the scorer's own one-line verdict on a record
+                raise api.ApiError(422, str(e)) from None
             got = [a for a in answers if a is not None]
             entity, score = routing.merge(n, p, answers)
             versions = {a["model_version"] for a in got}
@@ -292,9 +296,11 @@ def run_serve(model_ref: str, host: str = "127.0.0.1", port: int = 8000, replica
     cfg = cfg or Config()
     args = ServeArgs.from_config(model_ref, cfg.serve, replicas)
     stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous: dict = {}
     try:
         ensure_ray()
+        # After ray.init, which installs its own SIGTERM handler in the driver.
+        previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
         serve.start(http_options={"host": host, "port": port})
         t0 = time.time()
         serve.run(app if app is not None else build_app(args), name=APP_NAME, route_prefix="/",

@@ -132,7 +132,8 @@ class ShardCore:
         old = self.threshold
         self.threshold_override = None if value is None else float(value)
         self.scorer.set_threshold(self.base_threshold if value is None else float(value))
-        event("threshold", shard=self.shard, old=old, new=self.threshold, version=self.version)
+        if self.threshold != old:
+                event("threshold", shard=self.shard, old=old, new=self.threshold, version=self.version)
 
     def info(self) -> dict:
         return {"version": self.version, "threshold": self.threshold, "shard": self.shard,
