@@ -528,3 +528,25 @@ def quarantine_table(source: str, bad: list[tuple[int | None, str | None, str]])
 
 def empty_result(source: str, fmt: str) -> ReadResult:
     return ReadResult(FLOW_SCHEMA.empty_table(), quarantine_table(source, []), 0, fmt)
+
+
+def fast_records(body: bytes, columns: list[str], sep: bytes) -> Records | None:
+    """Clean-file fast path: parse ``body`` (data records only) in one ``pyarrow.csv`` call.
+
+    Returns None (use ``split_records``) unless every line is a non-blank record
+    with the right field count, valid UTF-8 and no carriage return; pyarrow
+    itself rejects a wrong field count or bad UTF-8, so nothing is checked per line.
+    """
+    if not body or b"\r" in body or b"\n\n" in body or body[:1] in (b"\n", b" ", b"\t"):
+        return None
+    if not body.endswith(b"\n"):
+        body += b"\n"
+    n = body.count(b"\n")
+    try:
+        table = _read_strings(body[:-1], columns, sep, n)
+    except (pa.ArrowInvalid, InputError):
+        return None
+    lines = body[:-1].split(b"\n")
+    if any(not ln.strip() for ln in lines[:1] + lines[-1:]):
+        return None
+    return Records(columns, table, np.arange(n, dtype=np.int64), lines, [], n)

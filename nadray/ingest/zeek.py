@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 
 from nadray.errors import InputError
 from nadray.ingest.common import (
-    ReadResult, Records, Validator, assemble, decode_raw, label_of_text, map_labels, split_lines, split_records,
+    ReadResult, Records, Validator, assemble, decode_raw, fast_records, label_of_text, map_labels, split_lines, split_records,
 )
 
 FORMAT = "zeek"
@@ -58,6 +58,9 @@ def _is_blank(ln: bytes) -> bool:
 
 def read(data: bytes, source: str) -> ReadResult:
     """Parse a Zeek conn log (any of the three shapes) into canonical flows + quarantine."""
+    fast = _read_tsv_fast(data, source)
+    if fast is not None:
+        return fast
     lines = split_lines(data)
     first = next((ln for ln in lines if ln.strip()), b"")
     s = first.lstrip()
@@ -70,6 +73,37 @@ def read(data: bytes, source: str) -> ReadResult:
 
 def _unescape(v: str) -> str:
     return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), v)
+
+
+def _read_tsv_fast(data: bytes, source: str) -> ReadResult | None:
+    """Plain Zeek TSV (header block, records, optional '#close'): one pyarrow.csv call."""
+    if not data.startswith(b"#separator \\x09\n"):
+        return None
+    pos = 0
+    header: list[bytes] = []
+    while data.startswith(b"#", pos):
+        end = data.find(b"\n", pos)
+        if end < 0:
+            return None
+        header.append(data[pos:end])
+        pos = end + 1
+    body = data[pos:]
+    tail = body.rfind(b"\n#close")
+    if tail >= 0 and b"\n" not in body[tail + 1:].rstrip(b"\n"):
+        body = body[:tail + 1]
+    if b"\n#" in body or b"   " in body or b"\t#" in body[:1]:
+        return None
+    fields = next((h for h in header if h.startswith(b"#fields\t")), None)
+    if fields is None or b" " in fields:
+        return None
+    columns = fields.decode("utf-8", "replace").split("\t")[1:]
+    _check_columns(columns, source)
+    unset = next((h.split(b"\t", 1)[1].decode() for h in header if h.startswith(b"#unset_field\t")), "-")
+    empty = next((h.split(b"\t", 1)[1].decode() for h in header if h.startswith(b"#empty_field\t")), "(empty)")
+    recs = fast_records(body, columns, b"\t")
+    if recs is None:
+        return None
+    return _convert(recs, source, nulls=(unset, empty, ""))
 
 
 def _read_tsv(lines: list[bytes], source: str) -> ReadResult:
@@ -120,8 +154,11 @@ def _read_csv(lines: list[bytes], source: str) -> ReadResult:
     sep = b"\t" if header.count("\t") > header.count(",") else b","
     columns = [c.strip() for c in header.split(sep.decode())]
     _check_columns(columns, source)
-    data = [ln for ln in lines[h + 1:] if ln.strip()]
-    recs = split_records(data, columns, sep, "Zeek CSV")
+    data = lines[h + 1:]
+    recs = fast_records(b"\n".join(data), columns, sep) if all(data[:1]) else None
+    if recs is None:
+        data = [ln for ln in data if ln.strip()]
+        recs = split_records(data, columns, sep, "Zeek CSV")
     return _convert(recs, source, nulls=("", "-", "(empty)"))
 
 
