@@ -105,6 +105,7 @@ def split_records(
     sep: bytes,
     what: str,
     legacy_encoding: str | None = None,
+    keep: Iterable[str] | None = None,
 ) -> Records:
     """Check the field count of each data line and parse the good ones as strings.
 
@@ -154,15 +155,19 @@ def split_records(
         good_idx = [g for k, g in enumerate(good_idx) if k not in drop]
         good = [ln for k, ln in enumerate(good) if k not in drop]
         blob = b"\n".join(good)
-    table = _read_strings(blob, columns, sep, len(good))
+    table = _read_strings(blob, columns, sep, len(good), keep)
     bad.sort()
     return Records(columns, table, np.asarray(good_idx, dtype=np.int64), good, bad, len(lines))
 
 
-def _read_strings(blob: bytes, columns: list[str], sep: bytes, expected: int) -> pa.Table:
+def _read_strings(blob: bytes, columns: list[str], sep: bytes, expected: int,
+                  keep: Iterable[str] | None = None) -> pa.Table:
+    uniq = unique_names(columns)
+    keep_set = set(keep) if keep is not None else None
     if expected == 0:
-        return pa.table({c: pa.array([], pa.string()) for c in unique_names(columns)})
+        return pa.table({c: pa.array([], pa.string()) for c in uniq if keep_set is None or c in keep_set})
     names = [f"c{i}" for i in range(len(columns))]
+    include = [n for n, c in zip(names, uniq) if keep_set is None or c in keep_set]
     table = pacsv.read_csv(
         io.BytesIO(blob + b"\n"),
         read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 20),
@@ -172,12 +177,13 @@ def _read_strings(blob: bytes, columns: list[str], sep: bytes, expected: int) ->
         ),
         convert_options=pacsv.ConvertOptions(
             column_types={c: pa.string() for c in names}, strings_can_be_null=False,
-            null_values=[], quoted_strings_can_be_null=False,
+            null_values=[], quoted_strings_can_be_null=False, include_columns=include,
         ),
     )
     if table.num_rows != expected:  # pragma: no cover - guarded by the field-count check
         raise InputError(f"internal: parsed {table.num_rows} records, expected {expected}")
-    return table.rename_columns(unique_names(columns))
+    back = dict(zip(names, uniq))
+    return table.rename_columns([back[n] for n in table.column_names])
 
 
 def unique_names(columns: Sequence[str]) -> list[str]:
@@ -205,9 +211,13 @@ class Validator:
     columns; Python only formats the reasons of failing rows.
     """
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, trim: bool = True):
         self.n = n
         self.errors: dict[int, str] = {}
+        self._trim = trim  # False for formats whose fields never carry padding (Zeek TSV, JSON)
+
+    def trim(self, arr: pa.Array) -> pa.Array:
+        return pc.utf8_trim_whitespace(arr) if self._trim else arr
 
     # -- bookkeeping
     def fail(self, mask: pa.Array | np.ndarray, name: str, rule: str, values: pa.Array | Sequence) -> None:
@@ -237,20 +247,20 @@ class Validator:
 
     def required(self, arr: pa.Array, name: str, nulls: Iterable[str] = ("", "-")) -> pa.Array:
         """A non-empty string; nulls break the 'required' rule."""
-        arr = pc.utf8_trim_whitespace(arr)
+        arr = self.trim(arr)
         isnull = self._null_mask(arr, nulls)
         self.fail(isnull, name, "a value (required field)", arr)
         return arr
 
     def optional_str(self, arr: pa.Array, nulls: Iterable[str] = ("", "-")) -> pa.Array:
-        arr = pc.utf8_trim_whitespace(arr)
+        arr = self.trim(arr)
         return pc.if_else(self._null_mask(arr, nulls), pa.scalar(None, pa.string()), arr)
 
     def integer(self, arr: pa.Array, name: str, nulls: Iterable[str] = ("", "-"), lo: int = 0,
                 hi: int | None = None, hex_ok: bool = False, out: pa.DataType = pa.int64(),
                 required: bool = False) -> pa.Array:
         """Non-negative integer (decimal, optionally ``0x`` hex) in [lo, hi]; null values allowed."""
-        arr = pc.utf8_trim_whitespace(arr)
+        arr = self.trim(arr)
         isnull = self._null_mask(arr, nulls)
         if hi is not None:
             rule = f"an integer in {lo}..{hi}"
@@ -294,7 +304,7 @@ class Validator:
     def number(self, arr: pa.Array, name: str, nulls: Iterable[str] = ("", "-"),
                allow_negative: bool = False) -> pa.Array:
         """A finite float (non-negative unless allowed); nulls allowed."""
-        arr = pc.utf8_trim_whitespace(arr)
+        arr = self.trim(arr)
         isnull = self._null_mask(arr, nulls)
         rule = "a finite number" if allow_negative else "a finite non-negative number"
         try:
@@ -325,7 +335,7 @@ class Validator:
     def epoch_seconds(self, arr: pa.Array, name: str, nulls: Iterable[str] = ("", "-"),
                       iso_ok: bool = False) -> pa.Array:
         """Epoch seconds (``1540469303.123456``) to int64 microseconds; ISO 8601 strings when ``iso_ok``."""
-        arr = pc.utf8_trim_whitespace(arr)
+        arr = self.trim(arr)
         isnull = self._null_mask(arr, nulls)
         try:  # fast path: every set value is a number
             f = pc.if_else(isnull, pa.scalar(None, pa.string()), arr).cast(pa.float64())
@@ -355,7 +365,7 @@ class Validator:
         ``fast_regex`` + ``fast_fn`` give a vectorised path for the common shape;
         other values are parsed one by one (with a cache: logs repeat timestamps).
         """
-        arr = pc.utf8_trim_whitespace(arr)
+        arr = self.trim(arr)
         isnull = self._null_mask(arr, nulls)
         us = pa.nulls(len(arr), pa.int64())
         todo = pc.invert(isnull)
@@ -530,7 +540,7 @@ def empty_result(source: str, fmt: str) -> ReadResult:
     return ReadResult(FLOW_SCHEMA.empty_table(), quarantine_table(source, []), 0, fmt)
 
 
-def fast_records(body: bytes, columns: list[str], sep: bytes) -> Records | None:
+def fast_records(body: bytes, columns: list[str], sep: bytes, keep: Iterable[str] | None = None) -> Records | None:
     """Clean-file fast path: parse ``body`` (data records only) in one ``pyarrow.csv`` call.
 
     Returns None (use ``split_records``) unless every line is a non-blank record
@@ -543,7 +553,7 @@ def fast_records(body: bytes, columns: list[str], sep: bytes) -> Records | None:
         body += b"\n"
     n = body.count(b"\n")
     try:
-        table = _read_strings(body[:-1], columns, sep, n)
+        table = _read_strings(body[:-1], columns, sep, n, keep)
     except (pa.ArrowInvalid, InputError):
         return None
     lines = body[:-1].split(b"\n")

@@ -45,6 +45,8 @@ REQUIRED = ["ts", "id.orig_h", "id.resp_h", "proto"]
 CONN_HINTS = {"conn_state", "orig_bytes", "duration", "orig_pkts", "history"}
 LABEL_COLS = ("label",)
 DETAIL_COLS = ("detailed-label", "detailedlabel", "detailed_label")
+USED = set(REQUIRED) | {"id.orig_p", "id.resp_p", "duration", "orig_bytes", "resp_bytes", "orig_pkts", "resp_pkts",
+                        "conn_state", "service", "local_orig", "local_resp"} | set(LABEL_COLS) | set(DETAIL_COLS)
 
 
 def is_conn_columns(cols) -> bool:
@@ -100,10 +102,10 @@ def _read_tsv_fast(data: bytes, source: str) -> ReadResult | None:
     _check_columns(columns, source)
     unset = next((h.split(b"\t", 1)[1].decode() for h in header if h.startswith(b"#unset_field\t")), "-")
     empty = next((h.split(b"\t", 1)[1].decode() for h in header if h.startswith(b"#empty_field\t")), "(empty)")
-    recs = fast_records(body, columns, b"\t")
+    recs = fast_records(body, columns, b"\t", keep=USED)
     if recs is None:
         return None
-    return _convert(recs, source, nulls=(unset, empty, ""))
+    return _convert(recs, source, nulls=(unset, empty, ""), trim=False)
 
 
 def _read_tsv(lines: list[bytes], source: str) -> ReadResult:
@@ -141,7 +143,7 @@ def _read_tsv(lines: list[bytes], source: str) -> ReadResult:
     _check_columns(columns, source)
     if spaced:
         data = [ln.replace(b"   ", sep) for ln in data]
-    recs = split_records(data, columns, sep, "Zeek")
+    recs = split_records(data, columns, sep, "Zeek", keep=USED)
     return _convert(recs, source, nulls=(unset, empty, ""))
 
 
@@ -155,10 +157,10 @@ def _read_csv(lines: list[bytes], source: str) -> ReadResult:
     columns = [c.strip() for c in header.split(sep.decode())]
     _check_columns(columns, source)
     data = lines[h + 1:]
-    recs = fast_records(b"\n".join(data), columns, sep) if all(data[:1]) else None
+    recs = fast_records(b"\n".join(data), columns, sep, keep=USED) if all(data[:1]) else None
     if recs is None:
         data = [ln for ln in data if ln.strip()]
-        recs = split_records(data, columns, sep, "Zeek CSV")
+        recs = split_records(data, columns, sep, "Zeek CSV", keep=USED)
     return _convert(recs, source, nulls=("", "-", "(empty)"))
 
 
@@ -240,10 +242,10 @@ def _zeek_label_detail(label: pa.Array, detail: pa.Array | None, nulls) -> pa.Ar
     return pc.if_else(det_set, joined, lab)
 
 
-def _convert(recs: Records, source: str, nulls, missing_ok: bool = False) -> ReadResult:
+def _convert(recs: Records, source: str, nulls, missing_ok: bool = False, trim: bool = True) -> ReadResult:
     t = recs.table
     n = t.num_rows
-    v = Validator(n)
+    v = Validator(n, trim=trim)
     names = t.column_names
 
     def col(name):
