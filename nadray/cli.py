@@ -34,6 +34,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     report = ingest(args.inputs, args.archive, fmt=args.format, quarantine=args.quarantine)
     print(report.summary())
+    for message in report.failed_inputs:
+        print(f"nadray ingest: error: {message}", file=sys.stderr)
     return 0 if report.ok else 1
 
 

@@ -260,7 +260,7 @@ def ingest(inputs: list[str], archive: str, fmt: str = "auto", quarantine: str |
     for inp in inputs:
         files, err = _expand(str(inp), str(archive))
         if err:
-            log.error("%s", err)
+            log.debug("%s", err)
             report.failed_inputs.append(err)
             continue
         for uri, from_folder in files:
@@ -270,12 +270,12 @@ def ingest(inputs: list[str], archive: str, fmt: str = "auto", quarantine: str |
             except NadrayError as e:
                 fr = FileReport(uri, "failed", message=str(e))
                 report.failed_inputs.append(str(e))
-                log.error("%s", e)
+                log.debug("%s", e)
             except Exception as e:  # storage trouble etc.: still one line, never a traceback
                 log.debug("ingest of %s failed", uri, exc_info=True)
                 fr = FileReport(uri, "failed", message=f"{uri}: {type(e).__name__}: {e}")
                 report.failed_inputs.append(fr.message)
-                log.error("%s", fr.message)
+                log.debug("%s", fr.message)
             if fr.status == "ingested":
                 busy += time.perf_counter() - t1
                 parsed_rows += fr.read
