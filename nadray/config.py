@@ -8,6 +8,7 @@ as YAML). An unknown key, a wrong type or a value outside its rule is a
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import ipaddress
 import types
 import typing
@@ -149,6 +150,10 @@ class NightlyConfig:
     score_shift_limit: float = 0.2
     # Serve HTTP address to tell about a new champion; empty = do not notify.
     serve_url: str = ""
+    # Days at the end of the window held out to compare challenger and champion (the
+    # challenger trains on the days before them). Counted in days that hold flows, not
+    # calendar days, so an archive with gaps still gets a comparison window; 1 = the new day.
+    eval_days: int = 1
 
 
 @dataclass
@@ -209,6 +214,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "tune.num_samples": (lambda v: v >= 1, "must be >= 1"),
     "nightly.window_days": (lambda v: v >= 1, "must be >= 1"),
     "nightly.tolerance": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "nightly.eval_days": (lambda v: v >= 1, "must be >= 1"),
     "serve.max_body_bytes": (lambda v: v >= 1024, "must be >= 1024"),
     "serve.max_flows": (lambda v: v >= 1, "must be >= 1"),
     "serve.max_entities": (lambda v: v >= 1, "must be >= 1"),
@@ -272,6 +278,8 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"config key {key!r}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
+        if isinstance(value, (datetime.date, datetime.datetime)):
+            return value.isoformat()  # YAML reads an unquoted 2026-01-31 as a date
         if not isinstance(value, str):
             raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
         return value

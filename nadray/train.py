@@ -147,7 +147,9 @@ def _losses(model, windows, y, pred_m, cls_m, objective: str, pos_weight: float)
 
     pred, logit = model(windows)
     sq = squared_errors(pred, windows)
-    loss = torch.zeros((), dtype=windows.dtype)
+    # Both heads always join the graph (with weight 0 when their objective is off), so
+    # DDP sees a gradient for every parameter on every rank.
+    loss = 0.0 * (pred.sum() + logit.sum())
     if objective in ("unsupervised", "hybrid") and pred_m.any():
         loss = loss + sq[pred_m].mean()
     if objective in ("supervised", "hybrid") and cls_m.any():
@@ -287,6 +289,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(round(tc.cpus_per_worker))))
 
     model = EventLSTM(args)
+    # Warm start (nightly retrain): start from given weights, e.g. the champion's, unless
+    # resuming from this run's own checkpoint (which is loaded below and wins).
+    init = config.get("init_weights")
+    if init is not None and ray.train.get_checkpoint() is None:
+        init = ray.get(init) if isinstance(init, ray.ObjectRef) else init
+        model.load_state_dict({k: torch.from_numpy(np.array(v, dtype="float32")) for k, v in init.items()})
     model = ray.train.torch.prepare_model(model)  # Ray: DDP across workers when world > 1
     core = model.module if hasattr(model, "module") else model
 
@@ -384,12 +392,15 @@ def _loop_config(data: TrainingData | dict[str, Any], cfg: Config) -> dict[str, 
     return config
 
 
-def build_trainer(data: TrainingData | dict[str, Any], cfg: Config, run_config_overrides: dict[str, Any] | None = None):
+def build_trainer(data: TrainingData | dict[str, Any], cfg: Config, run_config_overrides: dict[str, Any] | None = None,
+                  init_weights: dict[str, np.ndarray] | None = None):
     """A ``TorchTrainer`` running ``train_loop_per_worker`` on ``data``.
 
     ``data``: a ``TrainingData`` or the dict of its ``arrays()`` (numpy arrays or
     ObjectRefs, plus "pos_weight"). ``run_config_overrides``: RunConfig keyword
     arguments (``storage_path``, ``name``, ``callbacks``...) replacing the defaults.
+    ``init_weights``: parameter name -> array to start from (warm start; the names
+    and shapes must match the model args of ``cfg``).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -402,9 +413,14 @@ def build_trainer(data: TrainingData | dict[str, Any], cfg: Config, run_config_o
         "checkpoint_config": CheckpointConfig(num_to_keep=2),
         **over,
     })
+    loop_config = _loop_config(data, cfg)
+    if init_weights is not None:
+        import ray
+
+        loop_config["init_weights"] = ray.put({k: np.asarray(v, dtype="float32") for k, v in init_weights.items()})
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=_loop_config(data, cfg),
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=run_config,
@@ -418,15 +434,16 @@ class FitResult:
     checkpoint_path: str | None
 
 
-def fit(data: TrainingData, cfg: Config, storage_path: str | None = None, name: str | None = None) -> FitResult:
-    """Run the trainer and return the best-validation model."""
+def fit(data: TrainingData, cfg: Config, storage_path: str | None = None, name: str | None = None,
+        init_weights: dict[str, np.ndarray] | None = None) -> FitResult:
+    """Run the trainer and return the best-validation model (``init_weights``: warm start)."""
     import torch
     from safetensors.torch import load_file
 
     from nadray.model import EventLSTM, ModelArgs
 
     over = {"storage_path": _storage_path(storage_path), "name": name}
-    result = build_trainer(data, cfg, over).fit()
+    result = build_trainer(data, cfg, over, init_weights=init_weights).fit()
     if result.checkpoint is None:
         raise NadrayError(f"training run {name} produced no checkpoint (error: {getattr(result, 'error', None)})")
     args = ModelArgs.from_config(cfg, data.encoder.n_features)

@@ -1,0 +1,93 @@
+"""Ray Train end to end on real IoT-23 captures: fit, threshold, register, score; worker-kill resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from nadray import registry
+from nadray.config import load_config
+from nadray.errors import NadrayError
+
+CAPTURES = ["CTU-Honeypot-Capture-7-1", "CTU-Honeypot-Capture-4-1", "CTU-Malware-Capture-44-1"]
+SMALL = ["data.sequence_length=8", "data.context_window=16", "model.hidden_size=16", "train.max_epochs=3",
+         "train.batch_size=64"]
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory, shared_data):
+    from nadray.ingest import ingest
+
+    uri = str(tmp_path_factory.mktemp("archive"))
+    paths = [str(shared_data / "iot23_small_scenarios" / f"{c}-labeled.csv") for c in CAPTURES]
+    assert ingest(paths, uri).ok
+    return uri
+
+
+def test_train_registers_and_scores_consistently(ray_session, archive, tmp_path):
+    from nadray.archive import read_flows
+    from nadray.scorer import Scorer
+    from nadray.train import train
+
+    reg = str(tmp_path / "registry")
+    # Train on one honeypot, validate on the other, test on the held-out malware capture.
+    cfg = load_config(None, SMALL + ["data.holdout_sources=[Malware-Capture-44]", "data.train_end=2019-01-01",
+                                     "data.val_end=2030-01-01"])
+    result = train(archive, reg, cfg)
+    assert result.promoted and registry.champion(reg)["version"] == result.version
+    assert result.version in result.summary()
+    test = result.metrics["test"]
+    assert test["n_labelled"] == 237 and test["roc_auc"] is not None
+    scorer = Scorer.from_ref(reg)
+    assert scorer.version == result.version
+    meta = scorer.meta
+    assert meta["data_range"]["test"]["rows"] == 237 and len(meta["history"]) >= 1
+    assert {"train_loss", "val_loss"} <= set(meta["history"][0])
+    assert meta["config"]["data"]["sequence_length"] == 8
+    flows = read_flows(archive)
+    batch = scorer.score_table(flows)
+    assert len(batch) == flows.num_rows and np.isfinite(batch.score).all()
+    assert batch.is_anomaly.equals(batch.score >= scorer.threshold.value)
+    ctx = scorer.new_context(1000)
+    online = pd.concat([scorer.score_online(flows.slice(i, 25), ctx) for i in range(0, flows.num_rows, 25)],
+                       ignore_index=True)
+    np.testing.assert_allclose(online.score, batch.score, rtol=1e-4, atol=1e-4)
+    # The scores used for the test metrics are the registered scorer's.
+    m = batch.source.str.contains("Malware-Capture-44").to_numpy()
+    from nadray.metrics import ranking_metrics
+
+    assert ranking_metrics(batch.label.to_numpy(dtype="float64", na_value=np.nan)[m],
+                           batch.score.to_numpy()[m])["roc_auc"] == pytest.approx(test["roc_auc"], abs=1e-6)
+    # A second run registers a version but leaves the champion alone.
+    again = train(archive, reg, load_config(None, SMALL + ["train.max_epochs=1"]))
+    assert not again.promoted and registry.champion(reg)["version"] == result.version
+    assert registry.list_versions(reg) == sorted([result.version, again.version])
+
+
+def test_errors_name_the_problem(ray_session, archive, tmp_path):
+    from nadray.train import train
+
+    with pytest.raises(NadrayError, match="has no flows between"):
+        train(archive, str(tmp_path / "r"), load_config(None, ["data.start=2030-01-01", "data.end=2030-02-01"]))
+    with pytest.raises(NadrayError, match="labelled both 0 and 1"):
+        train(archive, str(tmp_path / "r"), load_config(None, ["model.objective=supervised", "data.holdout_sources=[Malware]"]))
+    assert registry.list_versions(str(tmp_path / "r")) == []
+
+
+@pytest.mark.slow
+def test_worker_kill_resumes_from_checkpoint(ray_session, archive, tmp_path, monkeypatch):
+    from nadray.train import train
+
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("NADRAY_TEST_KILL_EPOCH", "2")
+    monkeypatch.setenv("NADRAY_TEST_KILL_RANK", "1")
+    monkeypatch.setenv("NADRAY_TEST_KILL_MARKER", str(marker))
+    reg = str(tmp_path / "registry")
+    cfg = load_config(None, SMALL + ["train.max_epochs=4", "train.patience=10", "train.num_workers=2",
+                                     "train.cpus_per_worker=0.5", "train.max_failures=2"])
+    result = train(archive, reg, cfg)
+    assert marker.exists(), "rank 1 was never killed"
+    epochs = [h["epoch"] for h in result.history]
+    assert epochs == sorted(set(epochs)) and epochs[-1] == 3  # resumed, finished, no duplicated epochs
+    assert registry.list_versions(reg) == [result.version]
