@@ -570,6 +570,25 @@ def _merge_config(checkpoint_cfg: dict[str, Any] | None, cfg: Any):
     return validate(base)
 
 
+def publish_report(report_dir: str, results: dict[str, Any], frames: dict[str, Any], history: Any = None) -> str:
+    """``write_report`` into a local folder, or into a temporary one uploaded to an ``s3://`` prefix.
+
+    Returns the URI of ``report.html``.
+    """
+    from nadray import storage
+    from nadray.report import write_report
+
+    if not storage.is_s3(report_dir):
+        write_report(report_dir, results, frames, history)
+        return os.path.join(report_dir, "report.html")
+    with tempfile.TemporaryDirectory(prefix="nadray-report-") as tmp:
+        for p in write_report(tmp, results, frames, history):
+            rel = os.path.relpath(p, tmp)
+            with open(p, "rb") as f:
+                storage.write_bytes_atomic(storage.join(report_dir, *rel.split(os.sep)), f.read())
+    return storage.join(report_dir, "report.html")
+
+
 def evaluate(archive: str, model_ref: str, report_dir: str, cfg: Any = None) -> dict[str, Any]:
     """``nadray evaluate``: metrics.json, PNG plots and report.html for ``model_ref`` on ``archive``.
 
@@ -577,9 +596,7 @@ def evaluate(archive: str, model_ref: str, report_dir: str, cfg: Any = None) -> 
     ``cfg`` sets (away from its default) on top. ``report_dir`` is a local folder
     or an ``s3://`` prefix.
     """
-    from nadray import storage
     from nadray.data import load_flows, time_split
-    from nadray.report import write_report
     from nadray.scorer import Scorer
 
     scorer = Scorer.from_ref(model_ref)
@@ -596,17 +613,7 @@ def evaluate(archive: str, model_ref: str, report_dir: str, cfg: Any = None) -> 
     frames = {name: data.frame(name) for name in data.detectors}
     history = meta.get("history")
 
-    if storage.is_s3(report_dir):
-        with tempfile.TemporaryDirectory(prefix="nadray-report-") as tmp:
-            paths = write_report(tmp, results, frames, history)
-            for p in paths:
-                rel = os.path.relpath(p, tmp)
-                with open(p, "rb") as f:
-                    storage.write_bytes_atomic(storage.join(report_dir, *rel.split(os.sep)), f.read())
-        results["summary"]["report"] = storage.join(report_dir, "report.html")
-    else:
-        write_report(report_dir, results, frames, history)
-        results["summary"]["report"] = os.path.join(report_dir, "report.html")
+    results["summary"]["report"] = publish_report(report_dir, results, frames, history)
     return results
 
 

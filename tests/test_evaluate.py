@@ -267,3 +267,18 @@ def test_cs448b_ewma_baseline_on_the_real_data(shared_data):
                                  "clean": ["0", "2", "7", "8", "9"]}, baseline_df=ew)
     assert res["ewma_zscore"]["host_roc_auc"] >= 0.8
     assert len(res["ewma_zscore"]["compromised"]) == 5
+
+
+@pytest.mark.slow  # starts a SeaweedFS server (~20 s)
+def test_report_to_s3(s3_bucket):
+    """An s3:// report folder: written locally, then uploaded file by file."""
+    from test_report import _frames, _results
+
+    from nadray import storage
+    from nadray.evaluate import publish_report
+
+    frames = _frames()
+    uri = publish_report(f"{s3_bucket}/reports/run1", _results(frames), frames, None)
+    assert uri == f"{s3_bucket}/reports/run1/report.html"
+    assert set(storage.ls(f"{s3_bucket}/reports/run1")) == {"metrics.json", "pr.png", "roc.png", "timelines.png", "report.html"}
+    assert storage.read_bytes(f"{s3_bucket}/reports/run1/roc.png")[:8] == b"\x89PNG\r\n\x1a\n"
