@@ -24,6 +24,13 @@ def shard_of(entity: str, num_shards: int) -> int:
     return zlib.crc32(str(entity).encode("utf-8", "surrogatepass")) % num_shards
 
 
+def shards_of(entities: np.ndarray, num_shards: int) -> np.ndarray:
+    """``shard_of`` for an array, hashing each distinct entity once."""
+    uniq, inv = np.unique(np.asarray(entities).astype(str), return_inverse=True)
+    return np.array([shard_of(e, num_shards) for e in uniq], dtype="int64")[inv.reshape(-1)] if len(uniq) \
+        else np.zeros(0, dtype="int64")
+
+
 class EntityFilter:
     """Picklable predicate: does shard ``shard`` of ``num_shards`` own this entity?"""
 
@@ -63,14 +70,11 @@ def plan(flows: pa.Table, num_shards: int, local_networks: list[str]) -> Plan:
     if num_shards <= 1:
         return Plan([np.arange(n, dtype="int64")])
     src_ev, dst_ev = entity_sides(flows, local_networks)
-    src = flows.column("src_ip").to_pylist()
-    dst = flows.column("dst_ip").to_pylist()
     member = np.zeros((num_shards, n), dtype=bool)
-    for i in range(n):
-        if src_ev[i]:
-            member[shard_of(src[i], num_shards), i] = True
-        if dst_ev[i]:
-            member[shard_of(dst[i], num_shards), i] = True
+    rows = np.arange(n)
+    for col, on in (("src_ip", src_ev), ("dst_ip", dst_ev)):
+        owner = shards_of(flows.column(col).to_numpy(zero_copy_only=False), num_shards)
+        member[owner[on], rows[on]] = True
     return Plan([np.flatnonzero(member[s]) for s in range(num_shards)])
 
 

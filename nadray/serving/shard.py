@@ -82,7 +82,11 @@ class _OwnedEntities:
 
     def explode(self, flows: pa.Table):
         raw = self._encoder.explode(flows)
-        keep = np.fromiter((self._owns(e) for e in raw["entity"]), dtype=bool, count=len(raw))
+        ents = raw["entity"].to_numpy(dtype=object)
+        if not len(ents):
+            return raw
+        uniq, inv = np.unique(ents.astype(str), return_inverse=True)  # one hash per distinct entity
+        keep = np.array([self._owns(e) for e in uniq], dtype=bool)[inv.reshape(-1)]
         return raw[keep].reset_index(drop=True)
 
     def __getattr__(self, name: str) -> Any:
