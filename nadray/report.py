@@ -122,6 +122,8 @@ def plot_timelines(frame: Any, path: str, top_n: int = 6, title: str = "LSTM sco
     import pandas as pd
 
     plt = _pyplot()
+    import matplotlib.dates as mdates
+
     df = pd.DataFrame(frame).copy()
     df["entity"] = df["entity"].astype(str)
     df["ts"] = pd.to_datetime(df["ts"], utc=True).dt.tz_localize(None)
@@ -142,7 +144,10 @@ def plot_timelines(frame: Any, path: str, top_n: int = 6, title: str = "LSTM sco
             ax.plot(d["ts"][mal], np.zeros(mal.sum()), "|", color="black", ms=10, transform=ax.get_xaxis_transform())
         tag = " (malicious records)" if mal.any() else ""
         ax.set_ylabel("score", fontsize=8)
-        ax.tick_params(axis="x", labelsize=7, labelrotation=15)
+        locator = mdates.AutoDateLocator()
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+        ax.tick_params(axis="x", labelsize=7)
         ax.set_title(f"{ent}{tag}: {int(alert.sum())} alerts in {len(d)} flows", fontsize=9, loc="left")
         ax.grid(alpha=0.3)
     if not entities:
