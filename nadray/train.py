@@ -538,21 +538,33 @@ def extra_metrics(scorer: Any, data: TrainingData, cfg: Config) -> dict[str, Any
         return None
 
 
-def train(archive: str, registry: str, cfg: Config, run_storage: str | None = None) -> TrainResult:
-    """Load -> split -> fit with Ray Train -> threshold -> test metrics -> register (-> promote if first)."""
-    from nadray import registry as reg
-    from nadray.data import data_range, load_flows, time_split
-    from nadray.runtime import ensure_ray
+def load_fitted(checkpoint_path: str, data: TrainingData, cfg: Config) -> FitResult:
+    """The best-validation model and history from a run's checkpoint folder (local or s3://).
 
-    ensure_ray()
-    flows = load_flows(archive, cfg)
-    splits = time_split(flows, cfg)
-    data = prepare_training_data(splits.flows, cfg, splits)
-    log.info("events: %d (train windows %d, val %d, test %d), %d features", len(data.events), len(data.train_idx),
-             len(data.val_idx), len(data.test_idx), data.encoder.n_features)
-    version = reg.new_version()
-    storage_path = run_storage or _default_run_storage(registry)
-    fitted = fit(data, cfg, storage_path=storage_path, name=f"train-{version}")
+    For Ray Tune: the best trial's ``metrics["checkpoint_path"]``.
+    """
+    from ray.train import Checkpoint
+    from safetensors.torch import load_file
+
+    from nadray.model import EventLSTM, ModelArgs
+
+    model = EventLSTM(ModelArgs.from_config(cfg, data.encoder.n_features))
+    with Checkpoint(checkpoint_path).as_directory() as d:
+        path = os.path.join(d, "best.safetensors")
+        model.load_state_dict(load_file(path if os.path.exists(path) else os.path.join(d, "model.safetensors")))
+        with open(os.path.join(d, "state.json")) as f:
+            history = json.load(f)["history"]
+    return FitResult(model.eval(), history, checkpoint_path)
+
+
+def register_fitted(archive: str, registry: str, cfg: Config, data: TrainingData, fitted: FitResult,
+                    version: str | None = None, promote_if_first: bool = True,
+                    extra_meta: dict[str, Any] | None = None) -> TrainResult:
+    """Threshold, test metrics (+ baselines), checkpoint metadata, registration; used by train and tune."""
+    from nadray import registry as reg
+    from nadray.data import data_range
+
+    splits = data.splits
     scorer, _, metrics = finalize(data, fitted.model, cfg, fitted.history)
     extra = extra_metrics(scorer, data, cfg)
     if extra is not None:
@@ -574,13 +586,32 @@ def train(archive: str, registry: str, cfg: Config, run_storage: str | None = No
         "metrics": metrics,
         "history": fitted.history,
         "run": {"checkpoint": fitted.checkpoint_path},
+        **(extra_meta or {}),
     }
     version = reg.register(registry, fitted.model.state_dict(), meta, name=cfg.registry.name, version=version)
     promoted = False
-    if reg.champion(registry, cfg.registry.name) is None:
+    if promote_if_first and reg.champion(registry, cfg.registry.name) is None:
         reg.promote(registry, version, "first version in this registry", name=cfg.registry.name)
         promoted = True
     return TrainResult(version, registry, metrics, promoted, fitted.history)
+
+
+def train(archive: str, registry: str, cfg: Config, run_storage: str | None = None) -> TrainResult:
+    """Load -> split -> fit with Ray Train -> threshold -> test metrics -> register (-> promote if first)."""
+    from nadray import registry as reg
+    from nadray.data import load_flows, time_split
+    from nadray.runtime import ensure_ray
+
+    ensure_ray()
+    flows = load_flows(archive, cfg)
+    splits = time_split(flows, cfg)
+    data = prepare_training_data(splits.flows, cfg, splits)
+    log.info("events: %d (train windows %d, val %d, test %d), %d features", len(data.events), len(data.train_idx),
+             len(data.val_idx), len(data.test_idx), data.encoder.n_features)
+    version = reg.new_version()
+    fitted = fit(data, cfg, storage_path=run_storage or _default_run_storage(registry), name=f"train-{version}")
+    # Registered only after a successful fit: a failed run leaves the registry untouched.
+    return register_fitted(archive, registry, cfg, data, fitted, version=version)
 
 
 def _default_run_storage(registry: str) -> str:
