@@ -176,9 +176,10 @@ def bin_events(raw: pd.DataFrame, cfg: Config, start_bins: dict[str, int] | None
 
     ``start_bins``: per entity, the first bin to fill zeros from (the online context
     passes max(entity's first bin ever, retained horizon)); default: the entity's
-    first bin in ``raw``. Adds columns ``bin``, ``log_peers``/``log_ports`` inputs
-    (``n_peers``, ``n_ports``), ``share_<proto>`` inputs (``proto`` lists) and
-    ``flow_indices`` is not kept: flows map to bins through (entity, bin).
+    first bin in ``raw``. Columns: entity, bin, sums of flows / bytes / packets, the
+    flow-weighted mean duration, distinct peers and ports (``n_peers``, ``n_ports``),
+    per-protocol and per-direction flow counts, and the bin's worst label. Flows map
+    to their bins through (entity, bin) (``Events.flow_map``).
     """
     width = int(cfg.data.bin_seconds) * 1_000_000
     raw = raw.assign(bin=raw["ts"].to_numpy() // width)

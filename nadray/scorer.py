@@ -171,13 +171,13 @@ class Scorer:
         return pd.DataFrame({
             "source": get("source", None).astype(object).to_numpy(),
             "source_row": get("source_row", -1).to_numpy(dtype="int64"),
-            "ts": pd.to_datetime(get("ts", None), utc=True).to_numpy(),
+            "ts": pd.to_datetime(get("ts", None), utc=True).array,
             "entity": entity.astype(object),
             "score": score.astype("float64"),
             "is_anomaly": score >= thr,
             "threshold": np.full(len(score), thr),
             "model_version": self.version,
-            "label": get("label", None).astype("Int8").to_numpy() if "label" in cols else pd.array([pd.NA] * len(score), dtype="Int8"),
+            "label": get("label", None).astype("Int8").array if "label" in cols else pd.array([pd.NA] * len(score), dtype="Int8"),
             "label_detail": get("label_detail", None).astype(object).to_numpy(),
         })
 
