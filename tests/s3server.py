@@ -63,6 +63,8 @@ class S3Server:
             weed_binary(), "server", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
             "-s3", f"-s3.port={s3}", "-master.volumeSizeLimitMB=64", "-volume.max=50",
+            # Listeners with fixed default ports would collide between parallel test runs: off.
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
         ]
         self.log = open(os.path.join(self.dir, "weed.log"), "wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
