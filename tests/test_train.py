@@ -38,7 +38,10 @@ def test_train_registers_and_scores_consistently(ray_session, archive, tmp_path)
     assert result.promoted and registry.champion(reg)["version"] == result.version
     assert result.version in result.summary()
     test = result.metrics["test"]
-    assert test["n_labelled"] == 237 and test["roc_auc"] is not None
+    assert test["n_labelled"] == 237
+    # Quality floor on a capture never seen in training (measured: ROC-AUC 0.98, PR-AUC 0.83
+    # at a 11% base rate): low enough for seed noise, high enough to catch a broken model.
+    assert test["roc_auc"] >= 0.8 and test["pr_auc"] >= 0.3
     scorer = Scorer.from_ref(reg)
     assert scorer.version == result.version
     meta = scorer.meta
