@@ -297,6 +297,12 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, cfg: Con
         reasons = [f"challenger {key} {_f(a)} {op if ok else ('>' if lower else '<')} champion {key} {_f(b)} "
                    f"{sign} tolerance {_f(tol)} = {_f(bar)}: {verdict}."]
         nums["bar"] = bar
+        fa = (challenger.get("stability") or {}).get("false_alarm_rate")
+        fb = (champion.get("stability") or {}).get("false_alarm_rate")
+        if fa is not None or fb is not None:
+            # Not part of the rule, but what an analyst lives with: shown beside it.
+            reasons.append(f"for information: false-alarm rate at the threshold, challenger {_f(fa)} vs champion {_f(fb)}.")
+            nums.update(challenger_false_alarm_rate=fa, champion_false_alarm_rate=fb)
         return Decision(bool(ok), "labelled", reasons, nums)
     # No labels with both classes in the window: false alarms and score stability.
     cs, ks = challenger["stability"], champion["stability"]

@@ -1,0 +1,240 @@
+"""The nightly pipeline in-process: champion, idempotence, a refused file, safety on failure, drift.
+
+Two Ray Train fits in all (the first night, and the night that fails after training);
+everything else is pure pyarrow / numpy on the bundled IoT-23 captures.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from nadray import archive as arc
+from nadray import datasets
+from nadray import registry as reg
+from nadray.config import Config, load_config
+from nadray.nightly import compare, staging
+from nadray.retrain import notify_serve, retrain
+
+TINY = ["train.max_epochs=1", "train.patience=1", "model.hidden_size=8", "data.sequence_length=8",
+        "train.max_windows=2000", "train.batch_size=256", "nightly.window_days=400", "nightly.eval_days=1"]
+
+
+def _land(landing: Path, *scenarios: str) -> None:
+    landing.mkdir(parents=True, exist_ok=True)
+    for s in scenarios:
+        src = datasets.path(f"iot23-{s}")
+        shutil.copyfile(src, landing / src.name)
+
+
+def _champion_bytes(registry: str) -> bytes:
+    return (Path(reg.model_root(registry)) / reg.CHAMPION).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def night1(tmp_path_factory, ray_session):
+    """One completed night: two captures and a file that is not a flow log."""
+    root = tmp_path_factory.mktemp("nightly")
+    landing, archive, registry = root / "landing", str(root / "archive"), str(root / "registry")
+    _land(landing, "CTU-Malware-Capture-20-1", "CTU-Malware-Capture-21-1")
+    (landing / "notes.txt").write_text("span port moved to the core switch\n")
+    cfg = load_config(None, TINY)
+    report = retrain(str(landing), archive, registry, date="2018-10-04", cfg=cfg)
+    return root, landing, archive, registry, cfg, report
+
+
+def test_night_registers_a_champion_and_reports_the_refused_file(night1):
+    root, landing, archive, registry, cfg, report = night1
+    assert report.ok and report.status == "complete", report.summary()
+    champ = reg.champion(registry)
+    assert champ is not None and champ["version"] == report.record["challenger_version"]
+    assert reg.list_versions(registry) == [champ["version"]]
+    assert arc.count_rows(archive) == 3209 + 3286
+    # The unreadable file is kept whole, reported, and the night still completed.
+    refused = report.record["ingest"]["refused"]
+    assert [Path(r["source"]).name for r in refused] == ["notes.txt"]
+    assert "cannot recognise the format" in refused[0]["reason"]
+    qdir = Path(archive) / "_quarantine" / "files"
+    assert (qdir / f"{refused[0]['sha256']}.json").exists()
+    assert (qdir / f"{refused[0]['sha256']}-notes.txt").read_text().startswith("span port")
+    assert "notes.txt" in report.summary()
+    assert not (Path(archive) / "_staging").exists()
+    night_dir = Path(reg.model_root(registry)) / "nights" / "2018-10-04"
+    night = json.loads((night_dir / "night.json").read_text())
+    assert night["status"] == "complete" and night["decision"]["basis"] == "no champion"
+    assert {s["name"] for s in night["steps"]} >= {"ingest", "train", "evaluate", "drift", "decide", "commit", "promote"}
+    html = (night_dir / "report.html").read_text()
+    assert "Decision" in html and "Drift" in html and "PSI" in html
+    assert (night_dir / "roc.png").exists() and report.report.endswith("report.html")
+    # The version is tagged with the night.
+    meta = json.loads((Path(reg.version_uri(registry, champ["version"])) / reg.META).read_text())
+    assert meta["night"]["date"] == "2018-10-04" and meta["night"]["key"] == night["key"]
+
+
+def test_the_same_night_again_is_a_no_op(night1, capsys):
+    root, landing, archive, registry, cfg, report = night1
+    before = (_champion_bytes(registry), arc.count_rows(archive), reg.list_versions(registry))
+    again = retrain(str(landing), archive, registry, date="2018-10-04", cfg=cfg)
+    assert again.ok and again.status == "already done"
+    assert (_champion_bytes(registry), arc.count_rows(archive), reg.list_versions(registry)) == before
+    # The command line says so and exits 0.
+    from nadray.cli import main
+
+    argv = ["retrain", "--landing", str(landing), "--archive", archive, "--registry", registry, "--date", "2018-10-04"]
+    argv += [a for kv in TINY for a in ("--set", kv)]
+    assert main(argv) == 0
+    assert "already done" in capsys.readouterr().out
+    assert reg.list_versions(registry) == before[2]
+
+
+def test_a_night_that_fails_after_training_changes_neither_champion_nor_archive(night1, monkeypatch):
+    root, landing, archive, registry, cfg, _ = night1
+    _land(landing, "CTU-Malware-Capture-44-1")
+    champion_before, rows_before = _champion_bytes(registry), arc.count_rows(archive)
+    manifests_before = sorted(os.listdir(Path(archive) / "_manifest"))
+
+    def boom(*a, **k):
+        raise RuntimeError("injected failure at the promotion decision")
+
+    monkeypatch.setattr(compare, "decide", boom)
+    report = retrain(str(landing), archive, registry, date="2019-01-10", cfg=cfg)
+    assert not report.ok and report.status == "failed"
+    assert "injected failure" in report.error and "FAILED" in report.summary()
+    assert _champion_bytes(registry) == champion_before
+    assert arc.count_rows(archive) == rows_before
+    assert sorted(os.listdir(Path(archive) / "_manifest")) == manifests_before
+    assert not (Path(archive) / "_staging").exists()
+    night = json.loads((Path(reg.model_root(registry)) / "nights" / "2019-01-10" / "night.json").read_text())
+    assert night["status"] == "failed" and night["archive_committed"] is False
+    # Warm start was tried against the champion (used when the features match).
+    assert "used" in night["warm_start"]
+
+
+def test_an_interrupted_commit_is_repaired_by_the_rerun(tmp_path, monkeypatch):
+    landing, archive = tmp_path / "landing", str(tmp_path / "archive")
+    _land(landing, "CTU-Malware-Capture-44-1")
+    date = "2019-01-10"
+    files = staging.scan_landing(str(landing), archive)
+    assert [f.status for f in files] == ["new"]
+    staging.stage(files, archive, date)
+    # Readers of the main archive see nothing of the staged data.
+    assert arc.count_rows(archive) == 0 and arc.list_dates(archive) == []
+
+    def crash(*a, **k):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(arc, "write_manifest", crash)
+    with pytest.raises(OSError):
+        staging.commit(archive, date)  # parts copied, manifest not written
+    monkeypatch.undo()
+    files = staging.scan_landing(str(landing), archive)
+    assert [f.status for f in files] == ["new"]  # no manifest entry: not archived yet
+    staging.stage(files, archive, date)
+    lo, hi = "2019-01-01", "2019-02-01"
+    assert staging.load_window(archive, date, arc._as_datetime(lo, "s"), arc._as_datetime(hi, "e")).num_rows == 237
+    staging.commit(archive, date)
+    assert arc.count_rows(archive) == 237  # the same part names: nothing doubled
+    assert [f.status for f in staging.scan_landing(str(landing), archive)] == ["archived"]
+
+
+# --------------------------------------------------------------------------- drift (no Train fit)
+
+
+def _capture(name: str) -> pa.Table:
+    from nadray.data import sort_flows
+    from nadray.ingest import read_input
+
+    return sort_flows(read_input(str(datasets.path(f"iot23-{name}"))).flows)
+
+
+def test_drift_flags_another_capture_but_not_a_held_back_part_of_the_same_one():
+    from nadray.data import sort_flows
+    from nadray.features import FeatureEncoder
+
+    cfg = Config()
+    same = _capture("CTU-Malware-Capture-20-1")
+    held = np.random.default_rng(0).random(same.num_rows) < 0.3
+    enc = FeatureEncoder.fit(same.filter(pa.array(~held)), cfg)
+    quiet = compare.drift_step(enc, same, ~held, held, cfg)
+    assert not quiet["flagged"], quiet["reasons"]
+    assert quiet["max_psi"] < cfg.nightly.psi_limit and quiet["n_new_entities"] == 0
+
+    both = sort_flows(pa.concat_tables([same, _capture("CTU-Honeypot-Capture-4-1")]))
+    old = np.array([("20-1" in s) for s in both.column("source").to_pylist()])
+    enc = FeatureEncoder.fit(both.filter(pa.array(old)), cfg)
+    loud = compare.drift_step(enc, both, old, ~old, cfg)
+    assert loud["flagged"] and loud["max_psi"] > cfg.nightly.psi_limit
+    assert any(r["over_limit"] for r in loud["features"]) and loud["n_new_entities"] >= 1
+
+
+# --------------------------------------------------------------------------- decision, split, notify (pure)
+
+
+def _side(metric=None, far=None, ks=None):
+    return {"metrics": {"pr_auc": metric}, "stability": {"false_alarm_rate": far, "ks": ks}}
+
+
+def test_decision_rules():
+    cfg = Config()
+    cfg.nightly.tolerance = 0.01
+    assert compare.decide(_side(0.5), None, cfg).basis == "no champion"
+    d = compare.decide(_side(0.795), _side(0.80), cfg)
+    assert d.promote and d.basis == "labelled" and "0.7950" in d.reasons[0] and "0.7900" in d.reasons[0]
+    d = compare.decide(_side(0.70), _side(0.80), cfg)
+    assert not d.promote and "worse" in d.reasons[0]
+    # No malicious records in the window: false alarms and score stability decide.
+    d = compare.decide(_side(None, far=0.01, ks=0.1), _side(None, far=0.02, ks=0.3), cfg)
+    assert d.promote and d.basis == "unlabelled"
+    d = compare.decide(_side(None, far=0.10, ks=0.1), _side(None, far=0.02, ks=0.3), cfg)
+    assert not d.promote
+    d = compare.decide(_side(None, far=0.01, ks=0.9), _side(None, far=0.02, ks=0.3), cfg)
+    assert not d.promote and "stability" in " ".join(d.reasons)
+
+
+def test_comparison_window_is_the_last_days_with_flows():
+    from nadray.data import sort_flows
+
+    flows = sort_flows(pa.concat_tables([_capture("CTU-Malware-Capture-20-1"), _capture("CTU-Malware-Capture-42-1")]))
+    cfg = Config()
+    cfg.nightly.eval_days = 1
+    splits, _, info = compare.plan_split(flows, cfg)
+    assert info["eval_days"] == ["2019-01-10"]
+    assert splits.test_mask.sum() == 4426  # all of 42-1, nothing of 20-1
+    ts = flows.column("ts").cast(pa.int64()).to_numpy()
+    assert ts[splits.train_mask].max() < ts[splits.val_mask].min() <= ts[splits.val_mask].max() < ts[splits.test_mask].min()
+
+
+def test_notify_serve_sends_the_token_and_never_raises(monkeypatch):
+    seen = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            seen["path"], seen["auth"] = self.path, self.headers.get("Authorization")
+            body = b'{"version": "v2", "changed": true}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("NADRAY_API_TOKEN", "s3cret")
+        out = notify_serve(f"http://127.0.0.1:{server.server_port}/")
+        assert out["status"] == "ok" and out["answer"]["changed"] is True
+        assert seen == {"path": "/admin/reload", "auth": "Bearer s3cret"}
+    finally:
+        server.shutdown()
+    bad = notify_serve(f"http://127.0.0.1:{server.server_port}", timeout_s=2)
+    assert bad["status"] == "failed" and bad["error"]
