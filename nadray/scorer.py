@@ -16,7 +16,7 @@ Example
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import Callable, Any
 
 import numpy as np
 import pandas as pd
@@ -203,15 +203,24 @@ class Scorer:
     def new_context(self, max_entities: int) -> EntityContext:
         return EntityContext(max_entities, history_events(self.encoder, self.args.sequence_length))
 
-    def score_online(self, flows: pa.Table, context: EntityContext) -> pd.DataFrame:
+    def score_online(self, flows: pa.Table, context: EntityContext,
+                     entity_filter: Callable[[str], bool] | None = None) -> pd.DataFrame:
         """Score a small batch of new records with each entity's retained history; then update it.
 
         Replaying a stream in time order through this method gives the same scores as
-        ``score_table`` on the whole stream.
+        ``score_table`` on the whole stream. ``entity_filter`` keeps only the entities a
+        Serve shard owns: features are per entity, so dropping the others' events leaves
+        the owned entities' scores unchanged (flows with no owned entity score 0).
         """
         if flows.num_rows == 0:
             return self._output(flows, np.zeros(0), np.empty(0, object))
         new = self.encoder.explode(flows)
+        if entity_filter is not None and len(new):
+            uniq, inv = np.unique(new["entity"].to_numpy(dtype=object).astype(str), return_inverse=True)
+            keep = np.array([bool(entity_filter(e)) for e in uniq], dtype=bool)[inv.reshape(-1)]
+            new = new[keep].reset_index(drop=True)
+            if not len(new):
+                return self._output(flows, np.zeros(flows.num_rows), np.full(flows.num_rows, None, object))
         ents = pd.unique(new["entity"])
         hist = [context.get(e) for e in ents if e in context]
         combined = sort_raw(pd.concat(hist + [new], ignore_index=True)) if hist else new

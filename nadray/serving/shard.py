@@ -11,8 +11,6 @@ each host is scored with the history it builds from then on, as after a restart.
 from __future__ import annotations
 
 import asyncio
-import copy
-import inspect
 import json
 import logging
 import time
@@ -67,32 +65,6 @@ def champion_version(registry_uri: str) -> str | None:
     return None if rec is None else str(rec["version"])
 
 
-class _OwnedEntities:
-    """Encoder proxy whose ``explode`` keeps only this shard's entities.
-
-    Features are computed per entity (windows, distinct peers and ports, time
-    deltas), so dropping other entities' events leaves the owned ones' features,
-    and so their scores, unchanged. Used while ``Scorer.score_online`` has no
-    ``entity_filter`` argument of its own.
-    """
-
-    def __init__(self, encoder: Any, owns: Callable[[str], bool]):
-        self._encoder = encoder
-        self._owns = owns
-
-    def explode(self, flows: pa.Table):
-        raw = self._encoder.explode(flows)
-        ents = raw["entity"].to_numpy(dtype=object)
-        if not len(ents):
-            return raw
-        uniq, inv = np.unique(ents.astype(str), return_inverse=True)  # one hash per distinct entity
-        keep = np.array([self._owns(e) for e in uniq], dtype=bool)[inv.reshape(-1)]
-        return raw[keep].reset_index(drop=True)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._encoder, name)
-
-
 class ShardCore:
     """A scorer, the contexts of the entities this shard owns, and the swap protocol."""
 
@@ -120,8 +92,6 @@ class ShardCore:
         self.scorer = scorer
         self.context = scorer.new_context(self.max_entities)
         self.evictions_seen = 0
-        params = inspect.signature(scorer.score_online).parameters
-        self.can_filter = "entity_filter" in params
 
     @property
     def version(self) -> str:
@@ -147,14 +117,7 @@ class ShardCore:
 
     # -- scoring ----------------------------------------------------------------------
     def _score_sync(self, flows: pa.Table) -> dict:
-        scorer, kw = self.scorer, {}
-        if self.filter is not None:
-            if self.can_filter:
-                kw = {"entity_filter": self.filter}
-            else:  # a shallow copy: the shared scorer's encoder stays untouched
-                scorer = copy.copy(scorer)
-                scorer.encoder = _OwnedEntities(scorer.encoder, self.filter)
-        out = scorer.score_online(flows, self.context, **kw)
+        out = self.scorer.score_online(flows, self.context, entity_filter=self.filter)
         if len(out) != flows.num_rows:
             raise RuntimeError(f"scorer returned {len(out)} rows for {flows.num_rows} flows")
         return {"entity": out["entity"].astype(object).where(out["entity"].notna(), None).tolist(),
