@@ -34,8 +34,10 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
+
+import numpy as np
 
 from nadray import storage
 from nadray.config import Config, config_from_dict, set_key, validate
@@ -192,8 +194,6 @@ def max_concurrent_trials(cpus: float, cfg: Config) -> int:
 def choose_metric(cfg: Config, val_labels: Any) -> tuple[str, str]:
     """``(metric, mode)`` to optimise: ``cfg.tune.metric`` unless it ranks by labels and
     the validation split lacks labels of both kinds, then ``val_loss`` / min."""
-    import numpy as np
-
     metric, mode = cfg.tune.metric, cfg.tune.mode
     if metric not in REPORTED_METRICS:
         raise ConfigError(f"config key 'tune.metric': must be one of {list(REPORTED_METRICS)}, got {metric!r}")
@@ -256,6 +256,9 @@ def run_search(
     # The trial only starts and watches its Train run: the CPUs go to Train's workers.
     trainable = rtune.with_resources(trainable, {"cpu": 0.01})
     exp_path = storage.join(storage_path, name)
+    callbacks = list(callbacks or [])
+    if max_concurrent == 1:
+        callbacks.append(_ReleaseStoppedTrainRuns())
     if rtune.Tuner.can_restore(exp_path):
         log.info("tune: resuming the interrupted search at %s", exp_path)
         tuner = rtune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
@@ -264,7 +267,7 @@ def run_search(
         # (None only under Ray Client, which nadray does not use).
         local = getattr(tuner, "_local_tuner", None)
         if local is not None:
-            local.get_run_config().callbacks = list(callbacks or [])
+            local.get_run_config().callbacks = callbacks
     else:
         grid = cfg.tune.search == "grid"
         time_budget = cfg.tune.time_budget_s or None
@@ -276,7 +279,9 @@ def run_search(
             time_budget_s=time_budget,
             scheduler=ASHAScheduler(
                 time_attr="training_iteration",
-                max_t=cfg.train.max_epochs,
+                # One past the last epoch: a trial that trains to the end returns by
+                # itself instead of being stopped by Tune while its Train run shuts down.
+                max_t=cfg.train.max_epochs + 1,
                 grace_period=max(1, min(cfg.tune.grace_period, cfg.train.max_epochs)),
             ),
             # Seeded sampling: the same config draws the same trials. The generator
@@ -290,7 +295,7 @@ def run_search(
             run_config=rtune.RunConfig(
                 name=name,
                 storage_path=storage_path,
-                callbacks=list(callbacks or []),
+                callbacks=callbacks,
                 verbose=0,
                 failure_config=rtune.FailureConfig(max_failures=0),
             ),
@@ -310,6 +315,65 @@ def run_search(
             f"rerun the same command to resume it from {exp_path}"
         )
     return results
+
+
+def _release_stopped_train_runs_cls():
+    from ray.tune import Callback
+
+    class ReleaseStoppedTrainRuns(Callback):
+        """Remove the placement groups of a Train run whose trial Tune stopped early.
+
+        When ASHA stops a trial, Tune kills the trial actor and, with it, the Train
+        controller; Ray Train's own cleaner asks the State API whether the controller
+        died, which fails without a dashboard (embedded Ray, tests), so the workers'
+        CPUs stay reserved and the next trial never starts. Used only when trials run
+        one at a time: every placement group created during the trial is the trial's.
+        """
+
+        def __init__(self):
+            self._before: set[str] = set()
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._before = set(_live_placement_groups())
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._release(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._release(trial)
+
+        def _release(self, trial):
+            from ray._raylet import PlacementGroupID
+            from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+            try:
+                live = _live_placement_groups()
+            except Exception as e:  # never let housekeeping fail the search
+                log.debug("placement group table: %s", e)
+                return
+            for pg_id, bundles in live.items():
+                # Tune's own trial groups ask for 0.01 CPU; leave every group that predates the trial.
+                if pg_id in self._before or all(b.get("CPU", 0) < 0.1 for b in bundles):
+                    continue
+                log.info("tune: releasing placement group %s of stopped trial %s", pg_id, trial.trial_id)
+                try:
+                    remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
+                except Exception as e:  # already gone, or the GCS is busy: nothing else to do
+                    log.debug("placement group %s: %s", pg_id, e)
+
+    return ReleaseStoppedTrainRuns
+
+
+def _ReleaseStoppedTrainRuns():  # noqa: N802 (a factory: Tune's Callback base is imported lazily)
+    return _release_stopped_train_runs_cls()()
+
+
+def _live_placement_groups() -> dict[str, list[dict[str, float]]]:
+    import ray
+
+    return {pg_id: list(info.get("bundles", {}).values())
+            for pg_id, info in ray.util.placement_group_table().items()
+            if info.get("state") in ("CREATED", "PENDING", "RESCHEDULING")}
 
 
 def expected_trials(space: dict[str, Any], cfg: Config) -> int:
@@ -399,3 +463,295 @@ def write_results(df, params: list[Param], metric: str, folder: str) -> None:
     """``tune_results.csv`` and ``tune_metric.png`` into ``folder`` (local or s3://)."""
     storage.write_bytes_atomic(storage.join(folder, RESULTS_CSV), df.to_csv(index=False).encode("utf-8"))
     plot_metric(df, params, metric, storage.join(folder, METRIC_PLOT))
+
+
+# --------------------------------------------------------------------------- Train inside Tune
+
+# Keys whose values change the prepared features that every trial shares; only the
+# window length is cut per batch inside the training loop, so only it may vary.
+_SEARCHABLE_SECTIONS = ("model", "train", "threshold")
+_SEARCHABLE_DATA_KEYS = ("data.sequence_length",)
+
+
+def check_searchable(params: list[Param]) -> None:
+    """Trials share one prepared dataset: refuse keys that would need another."""
+    for p in params:
+        section = p.key.split(".", 1)[0]
+        if section not in _SEARCHABLE_SECTIONS and p.key not in _SEARCHABLE_DATA_KEYS:
+            raise ConfigError(
+                f"tune.space[{p.key!r}]: cannot be searched; trials share the features prepared once, so only "
+                f"{', '.join(_SEARCHABLE_DATA_KEYS)} and {', '.join(s + '.*' for s in _SEARCHABLE_SECTIONS)} may vary"
+            )
+
+
+def _train_trial(config: dict[str, Any], shared: dict[str, Any] | None = None) -> None:
+    """One trial: the trial's Config, then a Ray Train fit of ``train_loop_per_worker``
+    reporting every epoch to Tune (Train V2: the trial builds and fits the trainer)."""
+    import ray
+    from ray import tune as rtune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from nadray import train as core
+
+    assert shared is not None
+    cfg = trial_config(config_from_dict(shared["base"]), {k: config[k] for k in shared["keys"]})
+    arrays = dict(shared["arrays"])
+    # build_trainer reads the feature count from x's shape, so x arrives as an array.
+    arrays["x"] = ray.get(arrays["x"])
+    train_idx, pos_weight = shared["by_objective"][cfg.model.objective]
+    arrays["train_idx"], arrays["pos_weight"] = train_idx, pos_weight
+    trial_id = rtune.get_context().get_trial_id()
+    trainer = core.build_trainer(arrays, cfg, {
+        # A stable run folder per trial: a resumed trial continues its own Train run.
+        "name": trial_id,
+        "storage_path": shared["train_storage"],
+        "callbacks": [TuneReportCallback()],  # Ray: each epoch's report becomes a Tune result
+    })
+    trainer.fit()
+
+
+def _objective_indices(data: Any, objectives: list[str]) -> dict[str, tuple[np.ndarray, float]]:
+    """Training events and class weight for each objective (the same rules as
+    ``prepare_training_data``); objectives the training split cannot support are left out."""
+    from nadray import train as core
+
+    tr = core._event_split_masks(data.events, data.splits)[0]
+    y = data.events.label
+    known = ~np.isnan(y)
+    n_pos = int(np.sum(tr & known & (y == 1)))
+    n_neg = int(np.sum(tr & known & (y == 0)))
+    out = {}
+    for obj in objectives:
+        if obj in ("supervised", "hybrid") and (n_pos == 0 or n_neg == 0):
+            log.warning("tune: model.objective=%s left out of the search: it needs training events labelled "
+                        "both 0 and 1, got %d benign and %d malicious", obj, n_neg, n_pos)
+            continue
+        use = tr & (data.pred_mask if obj == "unsupervised" else data.cls_mask if obj == "supervised"
+                    else (data.pred_mask | data.cls_mask))
+        out[obj] = (np.flatnonzero(use), float(n_neg / n_pos) if n_pos else 1.0)
+    return out
+
+
+@dataclass
+class TuneResult:
+    """What ``nadray tune`` prints: the registered version and the search's table."""
+
+    version: str
+    registry: str
+    experiment: str
+    metric: str
+    mode: str
+    best_trial: str
+    best_params: dict[str, Any]
+    best_value: float | None
+    val_metrics: dict[str, Any]
+    test_metrics: dict[str, Any]
+    promoted: bool
+    promotion_reason: str
+    results: Any = None  # pandas DataFrame, one row per trial
+    resumed_registration: bool = False
+
+    def summary(self) -> str:
+        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+        df = self.results
+        n = 0 if df is None else len(df)
+        status = "" if df is None else ", ".join(f"{k} {v}" for k, v in df["status"].value_counts().items())
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.best_params.items())
+        t = self.test_metrics or {}
+        return "\n".join([
+            f"search {self.experiment}: {n} trials ({status}), optimising {self.metric} ({self.mode})",
+            f"best trial {self.best_trial}: {self.metric} {fmt(self.best_value)}; {params}",
+            f"registered {self.registry}@{self.version}" + (" (champion)" if self.promoted else "")
+            + f": {self.promotion_reason}" + (" [registered by an earlier run]" if self.resumed_registration else ""),
+            f"validation: PR-AUC {fmt(self.val_metrics.get('pr_auc'))}, ROC-AUC {fmt(self.val_metrics.get('roc_auc'))}; "
+            f"test: PR-AUC {fmt(t.get('pr_auc'))}, ROC-AUC {fmt(t.get('roc_auc'))}, F1 {fmt(t.get('f1'))}",
+            f"per-trial results: {RESULTS_CSV} and {METRIC_PLOT} in the version folder",
+        ])
+
+
+def tune(archive: str, registry: str, cfg: Config, name: str | None = None,
+         callbacks: list | None = None) -> TuneResult:
+    """Search ``cfg.tune.space`` with Ray Tune over the training loop; register the best trial.
+
+    ``name``: the experiment under ``<registry>/_tune/`` (default: derived from the
+    archive, registry and config, so rerunning the same command resumes an
+    interrupted search). ``callbacks``: extra Ray Tune callbacks (progress, tests).
+    """
+    import ray
+    from ray import tune as rtune
+
+    from nadray import train as core
+    from nadray.data import load_flows, time_split
+    from nadray.runtime import cluster_cpus, ensure_ray
+
+    # 1. The space, checked before anything starts.
+    params = parse_space(cfg.tune.space, cfg.tune.search, cfg)
+    check_searchable(params)
+    name = name or experiment_name(archive, registry, cfg)
+    storage_path = tune_root(registry)
+    exp_path = storage.join(storage_path, name)
+    done = storage.join(exp_path, REGISTERED_MARKER)
+    if storage.exists(done):
+        return _earlier_result(registry, cfg, storage.read_json(done))
+
+    # 2. The data, once, in the driver; trials share it through the object store.
+    ensure_ray()
+    flows = load_flows(archive, cfg)
+    splits = time_split(flows, cfg)
+    data = core.prepare_training_data(splits.flows, cfg, splits)
+    obj_param = next((p for p in params if p.key == "model.objective"), None)
+    objectives = list(obj_param.values) if obj_param else [cfg.model.objective]
+    by_objective = _objective_indices(data, objectives)
+    if not by_objective:
+        raise ConfigError(f"tune.space['model.objective']: none of {objectives} can train on this training split")
+    if obj_param and len(by_objective) < len(objectives):
+        params = [Param(p.key, "values", values=tuple(v for v in p.values if v in by_objective))
+                  if p is obj_param else p for p in params]
+    val_labels = splits.flows.column("label").to_pandas().astype("Float64").to_numpy("float64", na_value=np.nan)
+    metric, mode = choose_metric(cfg, val_labels[splits.val_mask])
+    arrays = data.arrays()
+    shared = {
+        "base": cfg.to_dict(),
+        "keys": [p.key for p in params],
+        "arrays": {k: ray.put(v) for k, v in arrays.items() if k != "train_idx"},
+        "by_objective": {o: (ray.put(idx), w) for o, (idx, w) in by_objective.items()},
+        "train_storage": storage.join(exp_path, "train_runs"),
+    }
+    log.info("tune: %s search %s on %d events (%d features): %s", cfg.tune.search, name, len(data.events),
+             data.encoder.n_features, ", ".join(p.key for p in params))
+
+    # 3. The search (or its continuation).
+    concurrent = max_concurrent_trials(cluster_cpus(), cfg)
+    results = run_search(
+        rtune.with_parameters(_train_trial, shared=shared), param_space(params, cfg.tune.search), cfg,
+        storage_path=storage_path, name=name, metric=metric, mode=mode, max_concurrent=concurrent,
+        callbacks=callbacks,
+    )
+    df = results_frame(results, params, metric)
+
+    # 4. The best trial, registered like `nadray train` registers a run.
+    ok = df[(df["status"] == "TERMINATED") & df[metric].notna() & df["checkpoint_path"].notna()]
+    if ok.empty:
+        write_results(df, params, metric, exp_path)
+        raise NadrayError(f"tune: no trial of {name} finished with a {metric} and a checkpoint; "
+                          f"see {storage.join(exp_path, RESULTS_CSV)}")
+    best = ok.sort_values(metric, ascending=(mode == "min"), kind="stable").iloc[0]
+    sampled = {p.key: best[p.key] for p in params}
+    best_cfg = trial_config(cfg, sampled)
+    idx, weight = by_objective[best_cfg.model.objective]
+    best_data = dataclasses.replace(data, train_idx=idx, pos_weight=weight)
+    tune_meta = {"experiment": exp_path, "search": cfg.tune.search, "metric": metric, "mode": mode,
+                 "trial_id": best["trial_id"], "params": sampled, "value": _num(best[metric]),
+                 "trials": int(len(df))}
+    version, metrics = _register_checkpoint(archive, registry, best_data, best_cfg, best["checkpoint_path"],
+                                            tune_meta)
+    write_results(df, params, metric, _version_dir(registry, cfg, version))
+    promoted, reason = _maybe_promote(registry, cfg, version, metric, metrics, splits, val_labels)
+    record = {"version": version, "promoted": promoted, "reason": reason, **tune_meta,
+              "val": metrics.get("val", {}), "test": metrics.get("test", {})}
+    storage.write_json_atomic(done, record)
+    return TuneResult(version, registry, name, metric, mode, best["trial_id"], sampled, _num(best[metric]),
+                      metrics.get("val", {}), metrics.get("test", {}), promoted, reason, df)
+
+
+def _num(v: Any) -> float | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def _version_dir(registry: str, cfg: Config, version: str) -> str:
+    from nadray import registry as reg
+
+    return reg.version_uri(registry, version, cfg.registry.name)
+
+
+def _register_checkpoint(archive: str, registry: str, data: Any, cfg: Config, checkpoint_path: str,
+                         tune_meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The trial's best-validation weights -> threshold, test metrics -> a registry version,
+    with the same checkpoint.json fields as ``nadray.train.train`` writes."""
+    import ray.train
+    from safetensors.torch import load_file
+
+    from nadray import registry as reg
+    from nadray import train as core
+    from nadray.data import data_range
+    from nadray.model import EventLSTM, ModelArgs
+
+    model = EventLSTM(ModelArgs.from_config(cfg, data.encoder.n_features))
+    with ray.train.Checkpoint(checkpoint_path).as_directory() as d:
+        best = os.path.join(d, "best.safetensors")
+        model.load_state_dict(load_file(best if os.path.exists(best) else os.path.join(d, "model.safetensors")))
+        with open(os.path.join(d, "state.json")) as f:
+            history = json.load(f)["history"]
+    model.eval()
+    scorer, _, metrics = core.finalize(data, model, cfg, history)
+    extra = core.extra_metrics(scorer, data, cfg)
+    if extra is not None:
+        metrics["evaluate"] = extra
+    splits = data.splits
+    meta = {
+        "config": cfg.to_dict(),
+        "model_args": model.args.to_dict(),
+        "encoder": data.encoder.to_dict(),
+        "err_norm": [float(v) for v in scorer.err_norm],
+        "score_z": scorer.z,
+        "threshold": scorer.threshold.to_dict(),
+        "data_range": {
+            "archive": str(archive), "all": data_range(splits.flows),
+            **{s: data_range(splits.flows, getattr(splits, f"{s}_mask")) for s in ("train", "val", "test")},
+            "boundaries": splits.boundaries,
+            "events": {"train_windows": int(len(data.train_idx)), "val": int(len(data.val_idx)),
+                       "test": int(len(data.test_idx))},
+        },
+        "metrics": metrics,
+        "history": history,
+        "run": {"checkpoint": checkpoint_path},
+        "tune": tune_meta,
+    }
+    version = reg.register(registry, model.state_dict(), meta, name=cfg.registry.name)
+    return version, metrics
+
+
+def _maybe_promote(registry: str, cfg: Config, version: str, metric: str, metrics: dict[str, Any],
+                   splits: Any, val_labels: np.ndarray) -> tuple[bool, str]:
+    """Promote when there is no champion, or when the new version beats it on the same
+    validation flows (flow-level PR-AUC or ROC-AUC, scored by each model's Scorer)."""
+    from nadray import registry as reg
+    from nadray.metrics import ranking_metrics
+    from nadray.scorer import Scorer
+
+    name = cfg.registry.name
+    champ = reg.champion(registry, name)
+    if champ is None:
+        reason = "first version in this registry (tuned)"
+        reg.promote(registry, version, reason, name=name)
+        return True, reason
+    key = {"val_pr_auc": "pr_auc", "val_roc_auc": "roc_auc"}.get(metric)
+    if key is None:
+        return False, (f"not promoted: validation has no labels of both kinds, so it cannot be compared with "
+                       f"champion {champ['version']}")
+    new = (metrics.get("val") or {}).get(key)
+    try:
+        old_scores = Scorer.from_ref(f"{registry}@{champ['version']}", name).score_table(splits.flows)["score"]
+        old = ranking_metrics(val_labels[splits.val_mask], old_scores.to_numpy("float64")[splits.val_mask])[key]
+    except NadrayError as e:
+        return False, f"not promoted: champion {champ['version']} could not score the validation flows ({e})"
+    if new is None or old is None:
+        return False, f"not promoted: validation {key} undefined (new {new}, champion {old})"
+    if not new > old:  # both are AUCs: higher is better
+        return False, f"not promoted: validation {key} {new:.4f} <= champion {champ['version']} {old:.4f}"
+    reason = f"tuned: validation {key} {new:.4f} > champion {champ['version']} {old:.4f}"
+    reg.promote(registry, version, reason, name=name, extra={"previous": champ["version"]})
+    return True, reason
+
+
+def _earlier_result(registry: str, cfg: Config, rec: dict[str, Any]) -> TuneResult:
+    """The search already finished and registered its best trial: report that version."""
+    import pandas as pd
+
+    log.info("tune: search %s already finished and registered %s", rec.get("experiment"), rec["version"])
+    csv = storage.join(_version_dir(registry, cfg, rec["version"]), RESULTS_CSV)
+    df = pd.read_csv(storage.get_fs(csv)[0].open(storage.get_fs(csv)[1])) if storage.exists(csv) else None
+    return TuneResult(rec["version"], registry, os.path.basename(str(rec["experiment"]).rstrip("/")),
+                      rec["metric"], rec["mode"], rec["trial_id"], rec["params"], rec.get("value"),
+                      rec.get("val", {}), rec.get("test", {}), rec["promoted"], rec["reason"], df,
+                      resumed_registration=True)

@@ -212,3 +212,88 @@ def test_random_search_resumes_after_interrupt(ray_session, tmp_path):
     assert row["training_iteration"] == 2
     last = {r.metrics["trial_id"]: r.metrics["timestamp"] for r in results}
     assert last[done_id] == done_ts
+
+
+# --------------------------------------------------------------------------- Train inside Tune, end to end
+
+IOT23 = ["CTU-Honeypot-Capture-4-1", "CTU-Malware-Capture-44-1"]
+TINY = ["train.max_epochs=2", "train.batch_size=64", "train.max_windows=2000", "tune.grace_period=1"]
+
+
+@pytest.fixture(scope="module")
+def tune_archive(shared_data, tmp_path_factory, ray_session):
+    """A small real slice: an IoT-23 honeypot capture and a small labelled malware capture."""
+    from nadray.ingest import ingest
+
+    root = tmp_path_factory.mktemp("tune")
+    d = shared_data / "iot23_small_scenarios"
+    report = ingest([str(d / f"{n}-labeled.csv") for n in IOT23], str(root / "archive"))
+    assert report.ok and report.archived > 600
+    return root
+
+
+@pytest.mark.slow
+def test_tune_random_registers_best_trial(tune_archive):
+    from nadray import registry as reg
+    from nadray.scorer import Scorer
+
+    root = tune_archive
+    cfg = load_config(overrides=[*TINY, "tune.search=random", "tune.num_samples=4",
+                                 'tune.space={"model.hidden_size": [8, 16], "train.lr": {"loguniform": [0.001, 0.01]},'
+                                 ' "data.sequence_length": [4, 8]}'])
+    registry = str(root / "registry")
+    result = nt.tune(str(root / "archive"), registry, cfg)
+    assert "registered" in result.summary()
+    vdir = reg.version_uri(registry, result.version)
+    df = pd.read_csv(os.path.join(vdir, nt.RESULTS_CSV))
+    assert len(df) == 4 and set(df["status"]) <= {"TERMINATED"}
+    assert {"model.hidden_size", "train.lr", "data.sequence_length", "val_loss", "training_iteration",
+            "time_total_s", "status"} <= set(df.columns)
+    assert df["training_iteration"].between(1, 2).all()
+    assert open(os.path.join(vdir, nt.METRIC_PLOT), "rb").read(4) == b"\x89PNG"
+    # The same self-describing checkpoint `nadray train` writes, with the best trial's config.
+    scorer = Scorer.from_ref(f"{registry}@{result.version}")
+    meta = scorer.meta
+    assert meta["tune"]["trial_id"] == result.best_trial
+    for k, v in result.best_params.items():
+        got = meta["config"][k.split(".")[0]][k.split(".")[1]]
+        assert got == pytest.approx(v)
+    assert "test" in meta["metrics"] and "threshold" in meta and np.isfinite(scorer.threshold.value)
+    assert result.promoted and reg.champion(registry)["version"] == result.version
+    # Rerunning the finished search reports the same version, registering nothing new.
+    again = nt.tune(str(root / "archive"), registry, cfg)
+    assert again.version == result.version and again.resumed_registration
+    assert reg.list_versions(registry) == [result.version]
+
+
+@pytest.mark.slow
+def test_tune_grid_runs_every_combination_and_resumes(tune_archive):
+    from ray.tune import Callback
+
+    from nadray import registry as reg
+
+    class InterruptAfterFirst(Callback):
+        def __init__(self, interrupt: bool):
+            self.interrupt, self.done = interrupt, []
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done.append((trial.trial_id, trial.last_result.get("timestamp")))
+            if self.interrupt and len(self.done) == 1:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl+C: Tune saves its state and stops
+
+    root = tune_archive
+    registry = str(root / "registry-grid")
+    cfg = load_config(overrides=[*TINY, "tune.search=grid",
+                                 'tune.space={"model.hidden_size": [8, 16], "model.num_layers": [1]}'])
+    first = InterruptAfterFirst(True)
+    with pytest.raises(nt.TuneInterrupted):
+        nt.tune(str(root / "archive"), registry, cfg, callbacks=[first])
+    assert len(first.done) == 1 and reg.list_versions(registry) == []
+    second = InterruptAfterFirst(False)
+    result = nt.tune(str(root / "archive"), registry, cfg, callbacks=[second])
+    assert [t for t, _ in second.done] and first.done[0][0] not in [t for t, _ in second.done]
+    df = result.results
+    assert sorted(df["model.hidden_size"]) == [8, 16] and (df["status"] == "TERMINATED").all()
+    done_row = df[df["trial_id"] == first.done[0][0]]
+    assert len(done_row) == 1  # the trial finished before the interrupt is kept, not rerun
+    assert reg.list_versions(registry) == [result.version]
