@@ -72,7 +72,8 @@ class NightReport:
             lines.append(f"  ingest: {ing.get('files', 0)} new files, {ing.get('archived', 0)} rows archived, "
                          f"{ing.get('quarantined_rows', 0)} rows quarantined, {ing.get('files_refused', 0)} files refused")
         for ref in (r.get("ingest") or {}).get("refused", []):
-            lines.append(f"  refused: {ref['source']}: {ref['reason']}")
+            reason = str(ref["reason"])
+            lines.append(f"  refused: {reason if reason.startswith(ref['source']) else ref['source'] + ': ' + reason}")
         if r.get("challenger_version") and self.status != "already done":
             lines.append(f"  challenger {r['challenger_version']} (warm start: "
                          f"{(r.get('warm_start') or {}).get('used')})")
