@@ -53,6 +53,10 @@ FLOW_CONTINUOUS = [
 BIN_CONTINUOUS = [
     "log_bytes_out", "log_bytes_in", "log_pkts_out", "log_pkts_in", "log_duration", "log_flows",
     "log_peers", "log_ports",
+    # How far this bin departs from the entity's own recent bins (mean over its previous
+    # context_window bins): hosts differ by orders of magnitude in volume, so a 10x jump
+    # on a quiet host must look as large as on a busy one.
+    "flows_vs_recent", "peers_vs_recent",
 ]
 
 # Raw event columns produced by stage 1 (and kept per entity by the online context).
@@ -255,6 +259,22 @@ def _distinct_in_window(codes: np.ndarray, gstart: np.ndarray, window: int) -> n
     return out
 
 
+def _previous_mean(v: np.ndarray, gstart: np.ndarray, window: int) -> np.ndarray:
+    """Mean of each entity's previous ``window`` values (0 for its first), vectorised.
+
+    v : (n,) values in (entity, time) order; gstart : (n,) index of each row's group start.
+    """
+    n = len(v)
+    if n == 0:
+        return np.zeros(0)
+    cs = np.concatenate([[0.0], np.cumsum(v)])
+    i = np.arange(n)
+    lo = np.maximum(gstart, i - window)
+    count = i - lo
+    total = cs[i] - cs[lo]
+    return np.divide(total, count, out=np.zeros(n), where=count > 0)
+
+
 def _port_class(port: np.ndarray) -> np.ndarray:
     p = np.asarray(port, dtype="float64")
     return np.where(np.isnan(p), "none", np.where(p < 1024, "well_known", np.where(p < 49152, "registered", "dynamic")))
@@ -365,7 +385,11 @@ class FeatureEncoder:
         l1p = lambda c: np.log1p(np.clip(units[c].to_numpy(dtype="float64", na_value=np.nan), 0, None))  # noqa: E731
         cols = [l1p("bytes_out"), l1p("bytes_in"), l1p("pkts_out"), l1p("pkts_in"), l1p("duration"), l1p("flows")]
         if self.granularity == "bin":
-            cols += [np.log1p(units["n_peers"].to_numpy(dtype="float64")), np.log1p(units["n_ports"].to_numpy(dtype="float64"))]
+            log_peers = np.log1p(units["n_peers"].to_numpy(dtype="float64"))
+            cols += [log_peers, np.log1p(units["n_ports"].to_numpy(dtype="float64"))]
+            for v in (cols[5], log_peers):
+                v = np.nan_to_num(v, nan=0.0)
+                cols.append(v - _previous_mean(v, gs, self.context_window))
             names = list(BIN_CONTINUOUS)
         else:
             ts = units["ts"].to_numpy(dtype="int64")

@@ -87,6 +87,8 @@ class Scorer:
         self.meta = meta
         self.err_norm = None if err_norm is None else np.asarray(err_norm, dtype="float64")
         self.z = dict(z or {})
+        # {"global": g, "entities": {entity: typical error}} (train.entity_scales); None = off.
+        self.entity_scale: dict[str, Any] | None = None
         self.version = version or meta.get("version") or "unregistered"
         self._torch = torch
 
@@ -107,9 +109,16 @@ class Scorer:
         if encoder.n_features != args.n_features:
             raise NadrayError(f"model {ref}: encoder has {encoder.n_features} features, model expects {args.n_features}")
         err_norm = meta.get("err_norm")
-        return cls(model, encoder, Threshold.from_dict(meta["threshold"]), meta,
-                   err_norm=None if err_norm is None else np.asarray(err_norm, "float64"),
-                   z=meta.get("score_z"), version=where.version)
+        scorer = cls(model, encoder, Threshold.from_dict(meta["threshold"]), meta,
+                     err_norm=None if err_norm is None else np.asarray(err_norm, "float64"),
+                     z=meta.get("score_z"), version=where.version)
+        scale = meta.get("entity_scale")
+        if scale is not None:
+            if not (isinstance(scale, dict) and isinstance(scale.get("entities"), dict)
+                    and float(scale.get("global", 0)) > 0):
+                raise NadrayError(f"model {ref}: checkpoint field 'entity_scale' is malformed")
+            scorer.entity_scale = scale
+        return scorer
 
     def set_threshold(self, value: float) -> None:
         """Change the alert threshold without retraining (Serve's ``reconfigure``)."""
@@ -139,8 +148,19 @@ class Scorer:
     def combine(self, sqerr: np.ndarray, logit: np.ndarray) -> np.ndarray:
         return combine_scores(sqerr, logit, self.args.objective, self.err_norm, self.z)
 
+    def normalize(self, scores: np.ndarray, entity: np.ndarray) -> np.ndarray:
+        """Divide each event's score by its entity's typical training error (unsupervised only)."""
+        if not self.entity_scale or self.args.objective != "unsupervised" or len(scores) == 0:
+            return scores
+        ents = np.asarray(entity, dtype=object).astype(str)
+        uniq, inv = np.unique(ents, return_inverse=True)
+        table, g = self.entity_scale["entities"], float(self.entity_scale["global"])
+        scale = np.array([float(table.get(e, g)) for e in uniq], dtype="float64")[inv.reshape(-1)]
+        return scores / scale
+
     def event_scores(self, events: Events, idx: np.ndarray | None = None) -> np.ndarray:
-        return self.combine(*self.event_outputs(events, idx))
+        idx = np.arange(len(events)) if idx is None else np.asarray(idx, dtype="int64")
+        return self.normalize(self.combine(*self.event_outputs(events, idx)), events.entity[idx])
 
     @staticmethod
     def flow_scores(events: Events, scores: np.ndarray, n_flows: int) -> tuple[np.ndarray, np.ndarray]:

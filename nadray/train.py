@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 
 from nadray.config import Config, config_from_dict
@@ -509,7 +510,10 @@ def finalize(data: TrainingData, model: Any, cfg: Config, history: list[dict[str
     err = combine_scores(sq[ref], lg[ref], "unsupervised", scorer.err_norm)
     scorer.z = {"err_mean": float(err.mean()), "err_std": float(err.std() or 1.0),
                 "logit_mean": float(lg[ref].mean()), "logit_std": float(lg[ref].std() or 1.0)}
-    scores = scorer.combine(sq, lg)
+    if cfg.model.entity_normalization and cfg.model.objective == "unsupervised" and len(fit_events):
+        fit_err = combine_scores(sq[fit_events], lg[fit_events], "unsupervised", scorer.err_norm)
+        scorer.entity_scale = entity_scales(ev.entity[fit_events], fit_err)
+    scores = scorer.normalize(scorer.combine(sq, lg), ev.entity)
     flow_s, flow_e = Scorer.flow_scores(ev, scores, sp.flows.num_rows)
     labels = np.asarray(sp.flows.column("label").to_pandas().astype("Float64").to_numpy(dtype="float64", na_value=np.nan))
     thr = Threshold.calibrate(flow_s[sp.val_mask], labels[sp.val_mask], cfg.threshold.method, cfg.threshold.target_fpr)
@@ -523,6 +527,24 @@ def finalize(data: TrainingData, model: Any, cfg: Config, history: list[dict[str
     if history:
         metrics["best_epoch"] = int(np.argmin([h["val_loss"] for h in history]))
     return scorer, flow_s, metrics
+
+
+# Pseudo-events of the global mean error added to each entity's own: a host seen a
+# handful of times in training is judged mostly by the population, not by noise.
+ENTITY_PRIOR_EVENTS = 20
+
+
+def entity_scales(entity: np.ndarray, err: np.ndarray, prior: int = ENTITY_PRIOR_EVENTS) -> dict[str, Any]:
+    """Per-entity typical unsupervised error on the training split, shrunk toward the global mean.
+
+    entity : (n,) entity ids of the training events; err : (n,) their errors.
+    Returns {"global": g, "entities": {entity: (sum_e + prior * g) / (n_e + prior)}}.
+    """
+    g = float(np.mean(err)) if len(err) else 1.0
+    df = pd.DataFrame({"e": np.asarray(entity, dtype=object).astype(str), "s": np.asarray(err, dtype="float64")})
+    agg = df.groupby("e")["s"].agg(["sum", "count"])
+    scale = (agg["sum"] + prior * g) / (agg["count"] + prior)
+    return {"global": max(g, 1e-12), "entities": {str(k): max(float(v), 1e-12) for k, v in scale.items()}}
 
 
 def extra_metrics(scorer: Any, data: TrainingData, cfg: Config) -> dict[str, Any] | None:
@@ -575,6 +597,7 @@ def register_fitted(archive: str, registry: str, cfg: Config, data: TrainingData
         "encoder": data.encoder.to_dict(),
         "err_norm": [float(v) for v in scorer.err_norm],
         "score_z": scorer.z,
+        "entity_scale": scorer.entity_scale,
         "threshold": scorer.threshold.to_dict(),
         "data_range": {
             "archive": str(archive), "all": data_range(splits.flows),

@@ -667,48 +667,13 @@ def _version_dir(registry: str, cfg: Config, version: str) -> str:
 def _register_checkpoint(archive: str, registry: str, data: Any, cfg: Config, checkpoint_path: str,
                          tune_meta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The trial's best-validation weights -> threshold, test metrics -> a registry version,
-    with the same checkpoint.json fields as ``nadray.train.train`` writes."""
-    import ray.train
-    from safetensors.torch import load_file
-
-    from nadray import registry as reg
+    through the same ``load_fitted`` / ``register_fitted`` as ``nadray train``."""
     from nadray import train as core
-    from nadray.data import data_range
-    from nadray.model import EventLSTM, ModelArgs
 
-    model = EventLSTM(ModelArgs.from_config(cfg, data.encoder.n_features))
-    with ray.train.Checkpoint(checkpoint_path).as_directory() as d:
-        best = os.path.join(d, "best.safetensors")
-        model.load_state_dict(load_file(best if os.path.exists(best) else os.path.join(d, "model.safetensors")))
-        with open(os.path.join(d, "state.json")) as f:
-            history = json.load(f)["history"]
-    model.eval()
-    scorer, _, metrics = core.finalize(data, model, cfg, history)
-    extra = core.extra_metrics(scorer, data, cfg)
-    if extra is not None:
-        metrics["evaluate"] = extra
-    splits = data.splits
-    meta = {
-        "config": cfg.to_dict(),
-        "model_args": model.args.to_dict(),
-        "encoder": data.encoder.to_dict(),
-        "err_norm": [float(v) for v in scorer.err_norm],
-        "score_z": scorer.z,
-        "threshold": scorer.threshold.to_dict(),
-        "data_range": {
-            "archive": str(archive), "all": data_range(splits.flows),
-            **{s: data_range(splits.flows, getattr(splits, f"{s}_mask")) for s in ("train", "val", "test")},
-            "boundaries": splits.boundaries,
-            "events": {"train_windows": int(len(data.train_idx)), "val": int(len(data.val_idx)),
-                       "test": int(len(data.test_idx))},
-        },
-        "metrics": metrics,
-        "history": history,
-        "run": {"checkpoint": checkpoint_path},
-        "tune": tune_meta,
-    }
-    version = reg.register(registry, model.state_dict(), meta, name=cfg.registry.name)
-    return version, metrics
+    fitted = core.load_fitted(checkpoint_path, data, cfg)
+    result = core.register_fitted(archive, registry, cfg, data, fitted, promote_if_first=False,
+                                  extra_meta={"tune": tune_meta})
+    return result.version, result.metrics
 
 
 def _maybe_promote(registry: str, cfg: Config, version: str, metric: str, metrics: dict[str, Any],

@@ -42,7 +42,7 @@ DEMO_OVERRIDES = [
 CS448B_OVERRIDES = [
     "data.granularity=bin", "data.bin_seconds=86400", "data.sequence_length=14",
     "data.train_end=2006-07-25T00:00:00Z", "data.val_end=2006-08-01T00:00:00Z",
-    "train.max_epochs=5", "train.patience=3", "model.hidden_size=32", "registry.name=cs448b",
+    "train.max_epochs=60", "train.patience=8", "train.batch_size=16", "model.hidden_size=32", "registry.name=cs448b",
 ]
 UNREADABLE = ("sensor-notes.txt", b"rotated the span port on the core switch; no capture between 02:00 and 02:10\n")
 
