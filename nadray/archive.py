@@ -12,7 +12,10 @@ renamed to its final name; on S3 an object appears whole when its upload
 completes, so the final key is written directly. Part names are deterministic
 (``<key>`` is the input's content hash), so a rerun after a crash overwrites
 rather than duplicates, and the manifest entry, written last, makes a finished
-input a no-op the next time.
+input a no-op the next time. Ingest writes ``_manifest/<sha256>.pending`` before
+an input's first part and removes it after the manifest entry: the parts of an
+input with a ``.pending`` marker and no ``.json`` entry (a run interrupted by a
+crash or a storage outage) are hidden from readers until a rerun completes it.
 
 Reading: :func:`read_flows` prunes partitions by date, casts to FLOW_SCHEMA and
 sorts by ``schema.TIME_ORDER``. Ranges are half-open: ``start <= ts < end``.
@@ -144,6 +147,31 @@ def write_manifest(archive: str, sha: str, entry: dict) -> None:
     storage.write_json_atomic(manifest_uri(archive, sha), entry)
 
 
+def pending_uri(archive: str, sha: str) -> str:
+    return storage.join(archive, MANIFEST_DIR, f"{sha}.pending")
+
+
+def mark_pending(archive: str, sha: str, entry: dict) -> None:
+    """Before an input's first part: its parts stay hidden until ``write_manifest`` + ``clear_pending``."""
+    storage.write_json_atomic(pending_uri(archive, sha), entry)
+
+
+def clear_pending(archive: str, sha: str) -> None:
+    storage.rm(pending_uri(archive, sha))
+
+
+def uncommitted_keys(archive: str) -> set[str]:
+    """Part keys of inputs whose ingest started (``.pending``) and never finished (no ``.json``)."""
+    names = storage.ls(storage.join(archive, MANIFEST_DIR))
+    done = {n[:-len(".json")] for n in names if n.endswith(".json")}
+    return {n[:-len(".pending")] for n in names if n.endswith(".pending")} - done
+
+
+def _committed(name: str, hidden: set[str]) -> bool:
+    return not (hidden and name.startswith("part-") and name.endswith(".parquet")
+                and name[len("part-"):-len(".parquet")] in hidden)
+
+
 def list_manifest(archive: str) -> list[dict]:
     return [storage.read_json(storage.join(archive, MANIFEST_DIR, n))
             for n in storage.ls(storage.join(archive, MANIFEST_DIR)) if n.endswith(".json")]
@@ -185,13 +213,16 @@ def dataset_paths(archive: str, start: Any = None, end: Any = None) -> list[str]
     """URIs of the finished part files whose partition overlaps ``[start, end)``.
 
     Local paths for a local archive, ``s3://bucket/key`` for S3: pass them to
-    ``ray.data.read_parquet``. Temporary (``.``/``_``-prefixed) files are left out.
+    ``ray.data.read_parquet``. Temporary (``.``/``_``-prefixed) files and the parts
+    of an unfinished ingest (see :func:`uncommitted_keys`) are left out.
     """
     out = []
-    for d in _dates_in_range(archive, start, end):
+    dates = _dates_in_range(archive, start, end)
+    hidden = uncommitted_keys(archive) if dates else set()
+    for d in dates:
         folder = storage.join(archive, f"date={d}")
         for name in storage.ls(folder):
-            if name.endswith(".parquet") and not name.startswith((".", "_")):
+            if name.endswith(".parquet") and not name.startswith((".", "_")) and _committed(name, hidden):
                 out.append(storage.join(folder, name))
     return out
 
@@ -225,7 +256,9 @@ def read_flows(archive: str, start: Any = None, end: Any = None, columns: list[s
 def read_quarantine(archive: str, quarantine: str | None = None) -> pa.Table:
     """All quarantined records (QUARANTINE_SCHEMA), ordered by source then source_row."""
     q = quarantine_uri(archive, quarantine)
-    uris = [storage.join(q, n) for n in storage.ls(q) if n.endswith(".parquet") and not n.startswith((".", "_"))]
+    hidden = uncommitted_keys(archive)
+    uris = [storage.join(q, n) for n in storage.ls(q)
+            if n.endswith(".parquet") and not n.startswith((".", "_")) and _committed(n, hidden)]
     table = _read_parts(uris, QUARANTINE_SCHEMA)
     return table.sort_by([("source", "ascending"), ("source_row", "ascending")])
 

@@ -23,3 +23,15 @@ class InputError(NadrayError):
 
 class ModelError(NadrayError):
     """A model reference that does not resolve, or a checkpoint that fails validation."""
+
+
+class StorageError(NadrayError, OSError):
+    """A storage location (an S3 endpoint, usually) that cannot be reached: names the URI.
+
+    Also an ``OSError``, so code that already treats unreadable files as user
+    errors (``except OSError``) handles an outage the same way.
+    """
+
+    def __init__(self, uri: str, message: str):
+        super().__init__(message)
+        self.uri = uri

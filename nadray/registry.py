@@ -19,6 +19,7 @@ name is ``registry.name`` (default "nadray"). A URI that already ends in
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import re
 import secrets
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ CHECKPOINT_FORMAT = 1
 WEIGHTS = "model.safetensors"
 META = "checkpoint.json"
 CHAMPION = "champion.json"
+WEIGHTS_SHA256 = "weights_sha256"
 DEFAULT_NAME = "nadray"
 _VERSION_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
 
@@ -102,11 +104,14 @@ def register(registry: str, tensors: dict[str, Any], meta: dict[str, Any], name:
     version = version or new_version()
     vdir = version_uri(registry, version, name)
     arrays = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in tensors.items()}
-    storage.write_bytes_atomic(storage.join(vdir, WEIGHTS), save_np({k: np.ascontiguousarray(a) for k, a in arrays.items()}))
+    weights = save_np({k: np.ascontiguousarray(a) for k, a in arrays.items()})
+    storage.write_bytes_atomic(storage.join(vdir, WEIGHTS), weights)
     full = {
         "format_version": CHECKPOINT_FORMAT, "version": version, "name": name,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(), "nadray_version": __version__,
         **meta,
+        # Checked by load(): a flipped byte in the weights' data is otherwise a valid, different model.
+        WEIGHTS_SHA256: hashlib.sha256(weights).hexdigest(),
     }
     storage.write_json_atomic(storage.join(vdir, META), full)
     return version
@@ -157,7 +162,9 @@ def load(ref: str, name: str = DEFAULT_NAME) -> tuple[dict[str, np.ndarray], dic
     """Read and validate a version: (tensors as numpy, checkpoint.json, where).
 
     Only ``model.safetensors`` and ``checkpoint.json`` are read; any other file
-    (``.pt``, ``.pkl``, notes) is ignored and never deserialised. Tensor names and
+    (``.pt``, ``.pkl``, notes) is ignored and never deserialised. The weights must
+    match ``weights_sha256`` in checkpoint.json (versions registered before it
+    existed have none and skip this check). Tensor names and
     shapes must match the model args in checkpoint.json, else ModelError.
     """
     from safetensors import SafetensorError
@@ -196,4 +203,8 @@ def load(ref: str, name: str = DEFAULT_NAME) -> tuple[dict[str, np.ndarray], dic
     for k, v in tensors.items():
         if v.dtype != np.float32 or not np.all(np.isfinite(v)):
             raise ModelError(f"model {ref}: tensor {k} must be finite float32, got {v.dtype}")
+    want = meta.get(WEIGHTS_SHA256)
+    if want is not None and hashlib.sha256(raw).hexdigest() != want:
+        raise ModelError(f"model {ref}: {WEIGHTS} does not match the sha256 recorded in {META} "
+                         f"(corrupted or tampered)")
     return tensors, meta, where

@@ -9,11 +9,12 @@ else. Credentials are never taken from config files or the command line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 import fsspec
 import pyarrow.fs as pafs
@@ -53,6 +54,33 @@ def arrow_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), path
 
 
+@contextlib.contextmanager
+def _unreachable_as_error(uri: str, op: str) -> Iterator[None]:
+    """Raise StorageError (one line, naming ``uri``) for an S3 endpoint that cannot be reached.
+
+    s3fs turns S3's own answers (404, 403...) into OSErrors but lets botocore's
+    connection errors (``EndpointConnectionError``, timeouts) escape raw, after
+    its retries; they become a user-facing NadrayError here.
+    """
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        if not is_s3(uri):
+            raise
+        try:
+            from botocore.exceptions import BotoCoreError
+        except ImportError:  # pragma: no cover
+            raise e from None
+        if not isinstance(e, BotoCoreError):
+            raise
+        from nadray.errors import StorageError
+
+        detail = " ".join(str(e).split())[:200]
+        raise StorageError(uri, f"{uri}: cannot {op}: storage unreachable ({type(e).__name__}: {detail})") from None
+
+
 def join(uri: str, *parts: str) -> str:
     uri = str(uri)
     if is_s3(uri):
@@ -62,7 +90,8 @@ def join(uri: str, *parts: str) -> str:
 
 def exists(uri: str) -> bool:
     fs, path = get_fs(uri)
-    return fs.exists(path)
+    with _unreachable_as_error(uri, "check"):
+        return fs.exists(path)
 
 
 def makedirs(uri: str) -> None:
@@ -74,14 +103,15 @@ def makedirs(uri: str) -> None:
 def ls(uri: str) -> list[str]:
     """Names (not paths) directly under ``uri``; empty when it does not exist."""
     fs, path = get_fs(uri)
-    if not fs.exists(path):
-        return []
-    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    with _unreachable_as_error(uri, "list"):
+        if not fs.exists(path):
+            return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
 
 
 def read_bytes(uri: str) -> bytes:
     fs, path = get_fs(uri)
-    with fs.open(path, "rb") as f:
+    with _unreachable_as_error(uri, "read"), fs.open(path, "rb") as f:
         return f.read()
 
 
@@ -93,7 +123,7 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     """
     fs, path = get_fs(uri)
     if is_s3(uri):
-        with fs.open(path, "wb") as f:
+        with _unreachable_as_error(uri, "write"), fs.open(path, "wb") as f:
             f.write(data)
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -119,5 +149,6 @@ def write_json_atomic(uri: str, obj: Any) -> None:
 
 def rm(uri: str, recursive: bool = False) -> None:
     fs, path = get_fs(uri)
-    if fs.exists(path):
-        fs.rm(path, recursive=recursive)
+    with _unreachable_as_error(uri, "remove"):
+        if fs.exists(path):
+            fs.rm(path, recursive=recursive)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from nadray import archive as arc
 from nadray import storage
-from nadray.errors import InputError, NadrayError
+from nadray.errors import InputError, NadrayError, StorageError
 from nadray.ingest import detect as _detect
 from nadray.ingest.common import ReadResult
 
@@ -199,6 +199,15 @@ def _expand(inp: str, archive: str) -> tuple[list[tuple[str, bool]], str | None]
         return [], f"{inp}: cannot list: {type(e).__name__}: {e}"
 
 
+def _under(uri: str, roots: list[str]) -> bool:
+    _, p = storage.get_fs(uri)
+    for r in roots:
+        _, rp = storage.get_fs(r)
+        if storage.is_s3(uri) == storage.is_s3(r) and (p == rp or p.startswith(rp.rstrip("/") + "/")):
+            return True
+    return False
+
+
 def _ingest_one(uri: str, from_folder: bool, archive: str, fmt: str, quarantine: str | None) -> FileReport:
     raw = load_bytes(uri)
     sha = hashlib.sha256(raw).hexdigest()
@@ -224,6 +233,9 @@ def _ingest_one(uri: str, from_folder: bool, archive: str, fmt: str, quarantine:
     finally:
         if tmp:
             os.remove(tmp)
+    # Parts stay hidden from readers until the manifest entry commits them (archive.uncommitted_keys).
+    arc.mark_pending(archive, sha, {"sha256": sha, "source": uri,
+                                    "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     parts = arc.write_flows(archive, res.flows, key=sha)
     arc.write_quarantine(archive, res.quarantine, key=sha, quarantine=quarantine)
     notes = list(res.notes)
@@ -232,6 +244,10 @@ def _ingest_one(uri: str, from_folder: bool, archive: str, fmt: str, quarantine:
         "archived": res.flows.num_rows, "quarantined": res.quarantined, "notes": notes,
         "parts": parts, "ingested_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
+    try:
+        arc.clear_pending(archive, sha)
+    except OSError:  # harmless: the .json entry already commits the parts
+        log.debug("could not remove the pending marker of %s", uri, exc_info=True)
     return FileReport(uri, "ingested", format=res.format, read=res.read, archived=res.flows.num_rows,
                       quarantined=res.quarantined, notes=notes)
 
@@ -257,7 +273,10 @@ def ingest(inputs: list[str], archive: str, fmt: str = "auto", quarantine: str |
     t0 = time.perf_counter()
     busy = 0.0
     parsed_rows = 0
+    stopped = None
     for inp in inputs:
+        if stopped:
+            break
         files, err = _expand(str(inp), str(archive))
         if err:
             log.debug("%s", err)
@@ -267,6 +286,14 @@ def ingest(inputs: list[str], archive: str, fmt: str = "auto", quarantine: str |
             t1 = time.perf_counter()
             try:
                 fr = _ingest_one(uri, from_folder, str(archive), fmt, quarantine)
+            except StorageError as e:
+                fr = FileReport(uri, "failed", message=f"{uri}: {e}")
+                report.failed_inputs.append(fr.message)
+                log.debug("%s", fr.message)
+                if _under(e.uri, [str(archive), arc.quarantine_uri(str(archive), quarantine)]):
+                    # Every other input would wait out the same retries: stop now, say so once.
+                    stopped = (f"{archive}: ingest stopped: the archive's storage is unreachable; "
+                               f"the remaining inputs were not attempted (rerun to finish)")
             except NadrayError as e:
                 fr = FileReport(uri, "failed", message=str(e))
                 report.failed_inputs.append(str(e))
@@ -284,6 +311,10 @@ def ingest(inputs: list[str], archive: str, fmt: str = "auto", quarantine: str |
             report.archived += fr.archived
             report.quarantined += fr.quarantined
             report.skipped += fr.skipped
+            if stopped:
+                break
+    if stopped:
+        report.failed_inputs.append(stopped)
     report.elapsed_s = time.perf_counter() - t0
     report.rows_per_s = parsed_rows / busy if busy > 0 else 0.0
     return report

@@ -125,7 +125,10 @@ def parse_ts_us(v: Any) -> int:
     if isinstance(v, (int, float)):
         if isinstance(v, float) and not math.isfinite(v):
             raise ValueError(f"expected a finite number of epoch seconds, got {v!r}")
-        return _check_range(round(v * 1_000_000), v)
+        us = v * 1_000_000
+        if isinstance(us, float) and not math.isfinite(us):  # e.g. 1e308 s: round() would raise OverflowError
+            return _check_range(MAX_TS_US, v)
+        return _check_range(round(us), v)
     raise ValueError(f"expected ISO 8601 text or epoch seconds, got a {type(v).__name__}")
 
 
