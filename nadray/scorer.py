@@ -23,7 +23,8 @@ import pandas as pd
 import pyarrow as pa
 
 from nadray.errors import NadrayError
-from nadray.features import Events, FeatureEncoder, history_events, make_windows, sort_raw
+from nadray.features import (Events, FeatureEncoder, OnlineFlowEncoder, history_events, make_windows, raw_from_frame,
+                             raw_to_frame, sort_raw)
 from nadray.model import ModelArgs, combine_scores
 from nadray.schema import FLOW_SCHEMA
 from nadray.threshold import Threshold
@@ -35,12 +36,44 @@ OUTPUT_COLUMNS = ["source", "source_row", "ts", "entity", "score", "is_anomaly",
 SCORE_BATCH = 8192
 
 
+class RawHistory:
+    """One entity's last raw events in flow mode: one small ``features.RAW_DTYPE`` array.
+
+    About 130 bytes per event (strings shared), instead of a DataFrame's ~300 plus
+    its fixed overhead; ``to_frame`` gives the DataFrame the pandas path uses.
+    """
+
+    __slots__ = ("events",)
+
+    def __init__(self, events: np.ndarray):
+        self.events = events
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def to_frame(self, entity: str) -> pd.DataFrame:
+        return raw_to_frame(entity, self.events)
+
+    def nbytes(self) -> int:
+        """The array, this wrapper, and each distinct string object it references (shared
+        strings are counted for every entity holding them: an upper bound)."""
+        import sys
+
+        objs = {id(o): o for f in ("source", "proto", "conn_state", "service", "peer")
+                for o in self.events[f].tolist() if o is not None}
+        return sys.getsizeof(self) + self.events.nbytes + sum(sys.getsizeof(o) for o in objs.values())
+
+    def memory_usage(self, deep: bool = True, index: bool = True) -> np.ndarray:
+        """DataFrame-like accounting for memory reports (``bench.stages.context_bytes_per_entity``)."""
+        return np.array([self.nbytes()])
+
+
 class EntityContext:
     """Per-entity recent raw events for online scoring (an LRU over entities).
 
-    Each entity keeps its last ``keep`` raw events (flow mode) or the events of its
-    last ``keep`` bins (bin mode): exactly what the features and windows of its next
-    event need, so online scores equal batch scores.
+    Each entity keeps its last ``keep`` raw events (flow mode, as a ``RawHistory``) or
+    the events of its last ``keep`` bins (bin mode, a DataFrame): exactly what the
+    features and windows of its next event need, so online scores equal batch scores.
     """
 
     def __init__(self, max_entities: int, keep: int):
@@ -49,7 +82,7 @@ class EntityContext:
         self.max_entities = int(max_entities)
         self.keep = int(keep)
         self.evictions = 0
-        self._data: OrderedDict[str, pd.DataFrame] = OrderedDict()
+        self._data: OrderedDict[str, Any] = OrderedDict()
         self._first_bin: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -58,10 +91,10 @@ class EntityContext:
     def __contains__(self, entity: str) -> bool:
         return entity in self._data
 
-    def get(self, entity: str) -> pd.DataFrame | None:
+    def get(self, entity: str) -> Any:
         return self._data.get(entity)
 
-    def put(self, entity: str, events: pd.DataFrame) -> None:
+    def put(self, entity: str, events: Any) -> None:
         self._data[entity] = events
         self._data.move_to_end(entity)
         while len(self._data) > self.max_entities:
@@ -91,6 +124,7 @@ class Scorer:
         self.entity_scale: dict[str, Any] | None = None
         self.version = version or meta.get("version") or "unregistered"
         self._torch = torch
+        self._online: OnlineFlowEncoder | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -234,15 +268,107 @@ class Scorer:
         """
         if flows.num_rows == 0:
             return self._output(flows, np.zeros(0), np.empty(0, object))
+        s, e = self.score_online_arrays(flows, context, entity_filter)
+        return self._output(flows, s, e)
+
+    def score_online_arrays(self, flows: pa.Table, context: EntityContext,
+                            entity_filter: Callable[[str], bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``score_online`` as (score float64 (n,), entity object (n,)), without the output table.
+
+        Flow mode takes a numpy fast path when the records are in time order after each
+        entity's retained history (the usual stream); otherwise, and in bin mode, the
+        pandas path that batch scoring uses. Both give the same scores.
+        """
+        n = flows.num_rows
+        if n == 0:
+            return np.zeros(0), np.empty(0, object)
+        out = None
+        if self.encoder.granularity == "flow":
+            out = self._score_online_fast(flows, context, entity_filter)
+        if out is None:
+            out = self._score_online_general(flows, context, entity_filter)
+        s, e = out
+        if np.isnan(s).any():
+            raise NadrayError(f"internal: {int(np.isnan(s).sum())} flows got no score")
+        return s, e
+
+    def _online_encoder(self) -> OnlineFlowEncoder:
+        if self._online is None or self._online.enc is not self.encoder:
+            self._online = OnlineFlowEncoder(self.encoder)
+        return self._online
+
+    def _score_online_fast(self, flows: pa.Table, context: EntityContext,
+                           entity_filter: Callable[[str], bool] | None) -> tuple[np.ndarray, np.ndarray] | None:
+        """Flow mode with numpy: None (nothing changed) when the general path must run instead."""
+        enc = self._online_encoder()
+        exploded = enc.explode(flows)
+        if exploded is None or not enc.flows_in_order(flows):
+            return None
+        ent, ev, fi = exploded
+        n = flows.num_rows
+        if entity_filter is not None and len(ent):
+            uniq, inv = np.unique(ent.astype(str), return_inverse=True)
+            keep = np.array([bool(entity_filter(e)) for e in uniq], dtype=bool)[inv.reshape(-1)]
+            ent, ev, fi = ent[keep], ev[keep], fi[keep]
+        if not len(ent):
+            return np.zeros(n), np.full(n, None, object)
+        # sort_raw's order: entity, then (ts, source, source_row, side); records in time
+        # order make the latter (flow, side).
+        uniq, inv = np.unique(ent, return_inverse=True)
+        inv = inv.reshape(-1)
+        order = np.lexsort((ev["side"], fi, inv))
+        ev, fi, inv = ev[order], fi[order], inv[order]
+        bounds = np.r_[0, np.flatnonzero(inv[1:] != inv[:-1]) + 1, len(inv)]
+        blocks, hist_len = [], []
+        for k, e in enumerate(uniq.tolist()):
+            new_e = ev[bounds[k]:bounds[k + 1]]
+            h = context.get(e)
+            if h is not None and len(h):
+                last, first = h.events[-1], new_e[0]
+                if (int(first["ts"]), first["source"], int(first["source_row"]), int(first["side"])) < \
+                        (int(last["ts"]), last["source"], int(last["source_row"]), int(last["side"])):
+                    return None  # a late record: the general path sorts it into the history
+                blocks.append(np.concatenate([h.events, new_e]))
+                hist_len.append(len(h))
+            else:
+                blocks.append(new_e)
+                hist_len.append(0)
+        sizes = np.array([len(b) for b in blocks], dtype="int64")
+        starts = np.r_[0, np.cumsum(sizes)[:-1]].astype("int64")
+        comb = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+        gs = np.repeat(starts, sizes)
+        L = int(self.args.sequence_length)
+        new_rows = np.concatenate([np.arange(s0 + h, s0 + z) for s0, h, z in zip(starts, hist_len, sizes)])
+        need = np.concatenate([np.arange(s0 + max(0, h - L), s0 + z) for s0, h, z in zip(starts, hist_len, sizes)])
+        x = np.zeros((len(comb), self.encoder.n_features), dtype="float32")
+        x[need] = enc.encode_rows(comb, gs, need)
+        flow_index = np.full(len(comb), -1, dtype="int64")
+        flow_index[new_rows] = fi
+        events = Events(x=x, entity=np.repeat(uniq.astype(object), sizes), ts=comb["ts"].astype("int64"),
+                        flow_index=flow_index, label=comb["label"].astype("float64"), group_start=gs,
+                        feature_names=list(self.encoder.feature_names_))
+        scores = np.zeros(len(comb))
+        scores[new_rows] = self.event_scores(events, new_rows)
+        s, e = self.flow_scores(events, scores, n)
+        keep = context.keep
+        for k, ent_k in enumerate(uniq.tolist()):  # entity order, as the general path's groupby
+            context.put(ent_k, RawHistory(blocks[k][-keep:].copy()))
+        return s, e
+
+    def _score_online_general(self, flows: pa.Table, context: EntityContext,
+                              entity_filter: Callable[[str], bool] | None) -> tuple[np.ndarray, np.ndarray]:
+        """The pandas path (``explode`` / ``sort_raw`` / ``encode``): bin mode and out-of-order records."""
+        flow_mode = self.encoder.granularity == "flow"
         new = self.encoder.explode(flows)
         if entity_filter is not None and len(new):
             uniq, inv = np.unique(new["entity"].to_numpy(dtype=object).astype(str), return_inverse=True)
             keep = np.array([bool(entity_filter(e)) for e in uniq], dtype=bool)[inv.reshape(-1)]
             new = new[keep].reset_index(drop=True)
             if not len(new):
-                return self._output(flows, np.zeros(flows.num_rows), np.full(flows.num_rows, None, object))
+                return np.zeros(flows.num_rows), np.full(flows.num_rows, None, object)
         ents = pd.unique(new["entity"])
-        hist = [context.get(e) for e in ents if e in context]
+        held = [e for e in ents if e in context]
+        hist = [context.get(e).to_frame(e) if flow_mode else context.get(e) for e in held]
         combined = sort_raw(pd.concat(hist + [new], ignore_index=True)) if hist else new
         keep = context.keep
         start_bins = None
@@ -272,8 +398,9 @@ class Scorer:
         else:
             combined = combined.groupby("entity", sort=False).tail(keep)
         for ent, part in combined.groupby("entity", sort=False):
-            context.put(ent, part.reset_index(drop=True))
-        return self._output(flows, s, e)
+            part = part.reset_index(drop=True)
+            context.put(ent, RawHistory(raw_from_frame(part)) if flow_mode else part)
+        return s, e
 
 
 def _to_flow_table(batch: dict[str, np.ndarray] | pd.DataFrame | pa.Table) -> pa.Table:

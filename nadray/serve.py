@@ -7,8 +7,10 @@ scorer state and swaps; app: deployments).
 
 Design
 ------
-*Topology.* One ``ingress`` deployment (FastAPI, token check, body limits,
-pydantic validation, routing) and ``num_replicas`` scorer shards, deployed as
+*Topology.* With ``num_replicas`` 1 (the default) one ``ingress`` deployment
+(FastAPI, token check, body limits, pydantic validation) holds the scorer
+(``ShardCore``) and scores in process: no second deployment hop. With
+``num_replicas`` N > 1, the ingress routes to N scorer shards, deployed as
 separate single-replica deployments ``scorer-0 .. scorer-{N-1}``. Serve's router
 picks any replica of a deployment, but an entity's context must always see that
 entity's records, so each shard is its own deployment and the ingress addresses
@@ -22,10 +24,14 @@ entities it owns (``score_online(..., entity_filter=...)``); the ingress takes t
 highest score per flow, as batch scoring does, and answers in request order. With
 one shard the request goes through unchanged.
 
-*Batching and order.* ``ScorerShard.score`` is a ``@serve.batch`` method: requests
-from many callers that arrive within ``batch_wait_timeout_s`` are concatenated (each
-caller's records kept together and in order) and scored in one ``score_online``
-call; batches run one at a time under a lock, so context updates are ordered.
+*Batching and order.* ``ScorerShard.score`` (and the ingress's in-process scoring in
+single-shard mode) is a ``@serve.batch`` method: requests from many callers that
+arrive within ``batch_wait_timeout_s`` (default 0: those queued while the previous
+batch ran) are concatenated (each caller's records kept together and in order) and
+scored in one ``score_online`` call; batches run one at a time under a lock, so
+context updates are ordered. Batches up to ``shard.INLINE_ROWS`` flows are scored
+on the event loop (no thread hand-off); ``score_online`` takes a numpy fast path
+for flow-mode records in time order (``features.OnlineFlowEncoder``).
 
 *Model updates.* The ingress polls ``champion.json`` every ``poll_champion_s``
 (``POST /admin/reload`` checks at once; a ``REF@VERSION`` is pinned and never

@@ -34,7 +34,7 @@ class ServeArgs(BaseModel):
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_flows: int = Field(10_000, ge=1)
     max_batch_size: int = Field(64, ge=1, description="requests per forward pass")
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    batch_wait_timeout_s: float = Field(0.0, ge=0)
     poll_champion_s: float = Field(10.0, ge=0, description="0: never poll (POST /admin/reload still works)")
     num_replicas: int = Field(1, ge=1, le=256, description="scorer shards; each entity lives on one")
     threshold: float | None = Field(None, description="override the checkpoint's threshold (user_config)")
@@ -68,6 +68,27 @@ def _metrics():
     }
 
 
+def _set_torch_threads(n: int) -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, n))
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _record(m: dict, core: ShardCore, tables: list[pa.Table], answers: list[dict]) -> None:
+    """Metrics after one scored batch (a shard, or the ingress in single-shard mode)."""
+    n = sum(t.num_rows for t in tables)
+    flagged = sum(int((a["score"] >= a["threshold"]).sum()) for a in answers)
+    m["flows"].inc(n)
+    if flagged:
+        m["anomalies"].inc(flagged)
+    if core.new_evictions:
+        m["evictions"].inc(core.new_evictions)
+    m["entities"].set(len(core.context))
+
+
 def _build_deployments():
     """Define the deployment classes lazily (no Ray import at module import)."""
     from ray import serve
@@ -78,12 +99,7 @@ def _build_deployments():
 
         async def __init__(self, model_ref: str, shard: int, num_shards: int, max_entities: int,
                            max_batch_size: int, batch_wait_timeout_s: float, torch_threads: int = 1):
-            try:
-                import torch
-
-                torch.set_num_threads(max(1, torch_threads))
-            except ImportError:  # pragma: no cover
-                pass
+            _set_torch_threads(torch_threads)
             registry_uri, _ = split_ref(model_ref)
             scorer = await asyncio.to_thread(load_scorer, model_ref)
             self.core = ShardCore(scorer, shard, num_shards, max_entities, registry_uri=registry_uri)
@@ -98,17 +114,10 @@ def _build_deployments():
         async def score(self, flows: pa.Table) -> dict:
             return await self._score_batch(flows)
 
-        @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+        @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
         async def _score_batch(self, tables: list[pa.Table]) -> list[dict]:
             answers = await self.core.score_many(tables)
-            n = sum(t.num_rows for t in tables)
-            flagged = sum(int((a["score"] >= a["threshold"]).sum()) for a in answers)
-            self.m["flows"].inc(n)
-            if flagged:
-                self.m["anomalies"].inc(flagged)
-            if self.core.new_evictions:
-                self.m["evictions"].inc(self.core.new_evictions)
-            self.m["entities"].set(len(self.core.context))
+            _record(self.m, self.core, tables, answers)
             return answers
 
         async def info(self) -> dict:
@@ -130,7 +139,11 @@ def _build_deployments():
     @serve.deployment(health_check_period_s=5)
     @serve.ingress()
     class Ingress:
-        """HTTP in, flows routed to the shards of their entities, results merged in order."""
+        """HTTP in, flows routed to the shards of their entities, results merged in order.
+
+        With no shard handles (``num_replicas`` 1) the ingress holds the ``ShardCore``
+        itself and scores in process: no second deployment hop.
+        """
 
         async def __init__(self, shards: list, args: dict):
             self.args = ServeArgs(**args)
@@ -139,23 +152,47 @@ def _build_deployments():
             self.digest = api.effective_digest(self.args.api_token_sha256)
             self.info_: dict | None = None
             self.reload_lock = asyncio.Lock()
+            self.core: ShardCore | None = None
+            if not shards:  # single-shard mode
+                _set_torch_threads(int(self.args.replica_cpus))
+                scorer = await asyncio.to_thread(load_scorer, self.args.model)
+                self.core = ShardCore(scorer, 0, 1, self.args.max_entities, registry_uri=self.registry_uri)
+                self._score_local.set_max_batch_size(self.args.max_batch_size)
+                self._score_local.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+                self.m = _metrics()
+                event("shard_ready", shard=0, shards=1, version=self.core.version, in_ingress=True)
             self.poller = None
             if self.pinned is None and self.args.poll_champion_s > 0:
                 self.poller = asyncio.get_running_loop().create_task(self._poll())
-            event("ingress_ready", shards=len(shards), auth=self.digest is not None,
+            event("ingress_ready", shards=max(1, len(shards)), auth=self.digest is not None,
                   poll_champion_s=self.args.poll_champion_s)
 
         def __serve_build_asgi_app__(self):
             return api.create_api(self, self.args.limits(), self.digest)
 
+        def reconfigure(self, user_config: dict) -> None:
+            # Single-shard mode only (the ingress then carries the threshold user_config).
+            if self.core is not None:
+                self.core.set_threshold((user_config or {}).get("threshold"))
+
+        @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
+        async def _score_local(self, tables: list[pa.Table]) -> list[dict]:
+            answers = await self.core.score_many(tables)
+            _record(self.m, self.core, tables, answers)
+            return answers
+
         # -- backend protocol (nadray.serving.api.Backend) -------------------------
         async def _info(self, refresh: bool = False) -> dict:
+            if self.core is not None:
+                return self.core.info()
             if self.info_ is None or refresh:
                 self.info_ = await self.shards[0].info.remote()
             return self.info_
 
         async def score(self, flows: pa.Table) -> dict:
             n = flows.num_rows
+            if self.core is not None:
+                return await self._score_in_process(flows)
             info = await self._info()
             if n == 0:
                 return {"model_version": info["version"], "threshold": info["threshold"], "results": []}
@@ -178,11 +215,24 @@ def _build_deployments():
                     "results": [{"entity": e, "score": float(s), "is_anomaly": bool(s >= threshold)}
                                 for e, s in zip(entity, score.tolist())]}
 
+        async def _score_in_process(self, flows: pa.Table) -> dict:
+            core = self.core
+            if flows.num_rows == 0:
+                return {"model_version": core.version, "threshold": core.threshold, "results": []}
+            try:
+                ans = await self._score_local(flows)
+            except NadrayError as e:  # the scorer's own one-line verdict on a record
+                raise api.ApiError(422, str(e)) from None
+            threshold = ans["threshold"]
+            return {"model_version": ans["model_version"], "threshold": threshold,
+                    "results": [{"entity": e, "score": s, "is_anomaly": s >= threshold}
+                                for e, s in zip(ans["entity"], ans["score"].tolist())]}
+
         async def model_info(self) -> dict:
             info = await self._info(refresh=True)
             meta = info.get("meta") or {}
             return {"version": info["version"], "threshold": info["threshold"], "model": self.args.model,
-                    "shards": len(self.shards),
+                    "shards": max(1, len(self.shards)),
                     "trained_on": meta.get("data_range") or meta.get("trained_on") or meta.get("data"),
                     "metrics": meta.get("metrics"), "created_at": meta.get("created_at")}
 
@@ -202,6 +252,12 @@ def _build_deployments():
                 latest = await asyncio.to_thread(champion_version, self.registry_uri)
                 if latest is None or latest == current:
                     return {"version": current, "changed": False}
+                if self.core is not None:  # in process: load while serving, swap between batches
+                    await self.core.prepare(latest)
+                    if await self.core.activate(latest):
+                        self.m["swaps"].inc()
+                    event("champion_changed", old=current, new=latest, reason=reason)
+                    return {"version": latest, "changed": True, "previous": current}
                 # Two phases: every shard loads in the background while serving, then
                 # all switch between batches, so the mixed-version window is one RPC.
                 await asyncio.gather(*(s.prepare.remote(latest) for s in self.shards))
@@ -217,6 +273,10 @@ def _build_deployments():
                     await self._check_champion(reason="poll")
                 except Exception as e:  # a registry hiccup must not stop polling or serving
                     event("champion_poll_failed", error=f"{type(e).__name__}: {str(e)[:200]}")
+
+        def check_health(self) -> None:
+            if self.core is not None and self.core.scorer is None:
+                raise RuntimeError("no scorer loaded")
 
     @serve.deployment
     @serve.ingress()
@@ -255,11 +315,21 @@ def _as_args(args: ServeArgs | dict) -> ServeArgs:
 
 
 def build_app(args: ServeArgs | dict):
-    """The nadray Serve application: one ingress and ``num_replicas`` scorer shards."""
+    """The nadray Serve application: one ingress and ``num_replicas`` scorer shards.
+
+    With ``num_replicas`` 1 (the default) there is no shard deployment: the ingress
+    scores in process (one hop fewer: ~20 ms of p50 on a loaded 2-core machine).
+    """
     args = _as_args(args)
     ScorerShard, Ingress, _ = _build_deployments()
     logging_config = {"enable_access_log": False, "log_level": "WARNING"}
     ongoing = max(2 * args.max_batch_size, 32)  # RAY.md: above max_batch_size or batches never fill
+    if args.num_replicas == 1:
+        return Ingress.options(
+            name="ingress", num_replicas=1, max_ongoing_requests=max(ongoing, 256),
+            ray_actor_options={"num_cpus": args.ingress_cpus + args.replica_cpus},
+            user_config={"threshold": args.threshold}, logging_config=logging_config,
+        ).bind([], args.model_dump())
     shards = [
         ScorerShard.options(
             name=f"scorer-{i}", num_replicas=1, max_ongoing_requests=ongoing,
