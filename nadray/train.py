@@ -23,6 +23,7 @@ gathers its own shard of windows from them in microseconds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -428,6 +429,41 @@ def build_trainer(data: TrainingData | dict[str, Any], cfg: Config, run_config_o
     )
 
 
+@contextlib.contextmanager
+def releasing_leaked_placement_groups(enabled: bool = True):
+    """Remove worker placement groups a Train run leaves behind once its ``fit()`` has returned.
+
+    Ray Train 2.60 releases a finished or failed run's worker group through a cleaner
+    that asks the State API whether the controller died; without a dashboard (embedded
+    Ray, CI) that query fails and the run's CPUs stay reserved, so the next fit on a
+    small cluster waits forever. Only groups created during the call are touched: use
+    it where fits do not run concurrently from the same cluster (``nadray train``, the
+    nightly job, one Tune trial at a time).
+    """
+    if not enabled:
+        yield
+        return
+    import ray
+
+    def live() -> set[str]:
+        return {pg for pg, info in ray.util.placement_group_table().items()
+                if info.get("state") in ("CREATED", "PENDING", "RESCHEDULING")}
+
+    before = live()
+    try:
+        yield
+    finally:
+        try:
+            from ray._raylet import PlacementGroupID
+            from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+            for pg in live() - before:
+                log.info("releasing placement group %s left by a finished Train run", pg)
+                remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg)))
+        except Exception as e:  # housekeeping must never fail the run
+            log.debug("placement group cleanup: %s", e)
+
+
 @dataclass
 class FitResult:
     model: Any
@@ -444,7 +480,8 @@ def fit(data: TrainingData, cfg: Config, storage_path: str | None = None, name: 
     from nadray.model import EventLSTM, ModelArgs
 
     over = {"storage_path": _storage_path(storage_path), "name": name}
-    result = build_trainer(data, cfg, over, init_weights=init_weights).fit()
+    with releasing_leaked_placement_groups():
+        result = build_trainer(data, cfg, over, init_weights=init_weights).fit()
     if result.checkpoint is None:
         raise NadrayError(f"training run {name} produced no checkpoint (error: {getattr(result, 'error', None)})")
     args = ModelArgs.from_config(cfg, data.encoder.n_features)

@@ -507,7 +507,8 @@ def _train_trial(config: dict[str, Any], shared: dict[str, Any] | None = None) -
         "storage_path": shared["train_storage"],
         "callbacks": [TuneReportCallback()],  # Ray: each epoch's report becomes a Tune result
     })
-    trainer.fit()
+    with core.releasing_leaked_placement_groups(enabled=shared.get("one_at_a_time", False)):
+        trainer.fit()
 
 
 def _objective_indices(data: Any, objectives: list[str]) -> dict[str, tuple[np.ndarray, float]]:
@@ -617,11 +618,13 @@ def tune(archive: str, registry: str, cfg: Config, name: str | None = None,
         "by_objective": {o: (ray.put(idx), w) for o, (idx, w) in by_objective.items()},
         "train_storage": storage.join(exp_path, "train_runs"),
     }
+    concurrent = max_concurrent_trials(cluster_cpus(), cfg)
+    # One trial at a time: a trial may safely release what its own Train run leaked.
+    shared["one_at_a_time"] = concurrent == 1
     log.info("tune: %s search %s on %d events (%d features): %s", cfg.tune.search, name, len(data.events),
              data.encoder.n_features, ", ".join(p.key for p in params))
 
     # 3. The search (or its continuation).
-    concurrent = max_concurrent_trials(cluster_cpus(), cfg)
     results = run_search(
         rtune.with_parameters(_train_trial, shared=shared), param_space(params, cfg.tune.search), cfg,
         storage_path=storage_path, name=name, metric=metric, mode=mode, max_concurrent=concurrent,

@@ -32,7 +32,7 @@ def served(shared_data, tmp_path_factory):
     v1 = register_model(reg, read_captures(shared_data, TRAIN_CAPTURES), seed=0)
     registry.promote(reg, v1, "test")
     flows = read_capture(shared_data, REPLAY_CAPTURE).sort_by([(c, "ascending") for c in TIME_ORDER]).slice(0, 400)
-    s = Served(reg, tmp_path_factory.mktemp("serve"), replicas=1, overrides=["serve.poll_champion_s=0"])
+    s = Served(reg, tmp_path_factory.mktemp("serve"), replicas=2, overrides=["serve.poll_champion_s=0"])
     try:
         s.wait_ready()
         yield {"server": s, "v1": v1, "recs": records(flows)}
