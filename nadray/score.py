@@ -11,12 +11,22 @@ the same records replayed in time order.
 Grouping happens in the driver (vectorised; scipy's connected components) for
 inputs up to ``data.SMALL_INPUT_ROWS`` rows: on 2 cores a Ray shuffle costs
 8-19 s of fixed overhead (RAY.md) against about a second in-process.
+
+Inputs of at most ``DRIVER_SCORE_ROWS`` flows skip Ray altogether: one ``Scorer``
+scores the whole table in the driver and pyarrow writes one Parquet file (local
+or ``s3://``). A Ray Data job costs a fixed ~10 s on 2 cores (actor start and
+model load, ``from_arrow``, the write), about what one Scorer needs for
+``DRIVER_SCORE_ROWS`` flows on one core, so below it no actor pool can pay for
+itself. Larger inputs go through Ray Data. Both paths give the same rows and
+scores (tests/test_score.py), and both count what they wrote without a second
+Ray job (Parquet footers and one boolean column, read with pyarrow).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +37,9 @@ from nadray import storage
 from nadray.errors import InputError, NadrayError
 
 log = logging.getLogger("nadray.score")
+
+# Inputs up to this many flows are scored in the driver (no Ray job): see the module docstring.
+DRIVER_SCORE_ROWS = 100_000
 
 
 @dataclass
@@ -39,6 +52,8 @@ class ScoreReport:
     quarantined: int = 0
     inputs: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    path: str = ""  # "driver" (one Scorer, pyarrow write) or "ray-data" (actor pool)
+    files: list[str] = field(default_factory=list)  # the Parquet files this call wrote
 
     def summary(self) -> str:
         rate = self.rows_scored / self.seconds if self.seconds else 0.0
@@ -58,8 +73,17 @@ class _ScorerActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from nadray.scorer import _to_flow_table
 
-        out = self.scorer.score_table(_to_flow_table(batch))
-        return pa.Table.from_pandas(out, preserve_index=False)
+        return _to_arrow(self.scorer.score_table(_to_flow_table(batch)))
+
+
+def _to_arrow(scores) -> pa.Table:
+    """The score output DataFrame as the Arrow table both paths write."""
+    return pa.Table.from_pandas(scores, preserve_index=False)
+
+
+def runs_in_driver(n_flows: int, driver_rows: int | None = None) -> bool:
+    """Whether ``score`` scores ``n_flows`` flows in the driver (else with Ray Data)."""
+    return n_flows <= (DRIVER_SCORE_ROWS if driver_rows is None else driver_rows)
 
 
 def _expand(inputs: list[str]) -> list[str]:
@@ -140,11 +164,13 @@ def _pool(cpus: float) -> tuple[int, float]:
     return max(1, int(cpus // 2)), 1.0
 
 
-def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto") -> ScoreReport:
-    """Score raw files (``fmt`` as for ingest) or archives (``fmt="archive"``) and write Parquet to ``output``."""
-    import ray
+def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto",
+          driver_rows: int | None = None) -> ScoreReport:
+    """Score raw files (``fmt`` as for ingest) or archives (``fmt="archive"``) and write Parquet to ``output``.
 
-    from nadray.runtime import cluster_cpus, ensure_ray
+    Inputs of at most ``driver_rows`` flows (default ``DRIVER_SCORE_ROWS``) are scored in the
+    driver without Ray; larger ones with a Ray Data pool of Scorer actors. Same output either way.
+    """
     from nadray.scorer import Scorer
 
     t0 = time.time()
@@ -156,24 +182,64 @@ def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto") -> 
                          inputs=list(inputs))
     if flows.num_rows == 0:
         raise NadrayError(f"score: inputs {inputs} hold no readable records ({quarantined} quarantined)")
+    fs, path = storage.arrow_fs(output)
+    if not storage.is_s3(output):
+        storage.makedirs(output)
+    prefix = f"scores-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    if runs_in_driver(flows.num_rows, driver_rows):
+        report.path = "driver"
+        n_in = flows.num_rows
+        table = _to_arrow(scorer.score_table(flows))
+        del flows
+        import pyarrow.parquet as pq
+
+        f = f"{path.rstrip('/')}/{prefix}_000000.parquet"
+        pq.write_table(table, f, filesystem=fs)
+        report.files = [f]
+        report.rows_scored = table.num_rows
+        report.anomalies = int(np.count_nonzero(table.column("is_anomaly").to_numpy(zero_copy_only=False)))
+    else:
+        report.path = "ray-data"
+        n_in = flows.num_rows
+        _score_ray_data(model_ref, scorer, flows, fs, path, prefix)
+        del flows
+        report.files, report.rows_scored, report.anomalies = _count_written(fs, path, prefix)
+    if report.rows_scored != n_in:
+        raise NadrayError(f"score: wrote {report.rows_scored} rows for {n_in} input records")
+    report.seconds = time.time() - t0
+    return report
+
+
+def _score_ray_data(model_ref: str, scorer, flows: pa.Table, fs, path: str, prefix: str) -> None:
+    """Whole-entity blocks -> a fixed pool of Scorer actors -> Parquet files named ``prefix_*``."""
+    import ray
+    from ray.data import ActorPoolStrategy
+    from ray.data.datasource import FilenameProvider
+
+    from nadray.runtime import cluster_cpus, ensure_ray
+
     ensure_ray()
     actors, cpus_per_actor = _pool(cluster_cpus())
     blocks = entity_blocks(flows, scorer.encoder, n_blocks=4 * actors)
     ds = ray.data.from_arrow(blocks)
     scored = ds.map_batches(
         _ScorerActor, fn_constructor_args=(model_ref,), batch_size=None, batch_format="pyarrow",
-        concurrency=actors, num_cpus=cpus_per_actor,
+        compute=ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
     )
-    fs, path = storage.arrow_fs(output)
-    if not storage.is_s3(output):
-        storage.makedirs(output)
-    scored.write_parquet(path, filesystem=fs)
-    # Count from what was written: one row per input record.
-    written = ray.data.read_parquet(path, filesystem=fs).select_columns(["is_anomaly"]).to_arrow_refs()
-    tables = ray.get(written)
-    report.rows_scored = int(sum(t.num_rows for t in tables))
-    report.anomalies = int(sum(int(np.sum(t.column("is_anomaly").to_numpy(zero_copy_only=False))) for t in tables))
-    if report.rows_scored != flows.num_rows:
-        raise NadrayError(f"score: wrote {report.rows_scored} rows for {flows.num_rows} input records")
-    report.seconds = time.time() - t0
-    return report
+    scored.write_parquet(path, filesystem=fs, filename_provider=FilenameProvider(dataset_uuid=prefix,
+                                                                                 file_format="parquet"))
+
+
+def _count_written(fs, path: str, prefix: str) -> tuple[list[str], int, int]:
+    """(files, rows, anomalies) of the Parquet files named ``prefix*`` under ``path``: pyarrow, no Ray job."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=False))
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith(prefix))
+    rows = anomalies = 0
+    for f in files:
+        col = pq.read_table(f, columns=["is_anomaly"], filesystem=fs).column("is_anomaly")
+        rows += len(col)
+        anomalies += int(np.count_nonzero(col.to_numpy(zero_copy_only=False)))
+    return files, rows, anomalies

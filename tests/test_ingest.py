@@ -420,3 +420,57 @@ def test_s3_archive_and_input(s3_bucket, shared_data):
     assert rep2.skipped == 237 and rep2.archived == 0
     r = read_input(f"{s3_bucket}/landing/day1/c44.csv")
     assert r.flows.num_rows == 237 and r.flows["source"][0].as_py() == f"{s3_bucket}/landing/day1/c44.csv"
+
+
+def _rows(res) -> tuple:
+    q = res.quarantine
+    return (res.read, res.flows.drop_columns([]).to_pylist(),
+            sorted(zip(q["source_row"].to_pylist(), q["raw"].to_pylist(), q["reason"].to_pylist()),
+                   key=lambda r: (r[0] is None, r[0] or 0)))
+
+
+@pytest.mark.parametrize("variant", ["clean", "bad-value", "blank-middle", "blank-end", "crlf", "bom", "padded",
+                                     "no-final-newline", "empty-fields-row", "wrong-field-count"])
+def test_zeek_csv_fast_path_matches_line_path(variant):
+    """The clean-CSV path (bytes straight to pyarrow) gives the rows, source_row numbers and
+    quarantine of the line-by-line path, and defers to it for anything unusual."""
+    from nadray.ingest import zeek
+    from nadray.ingest.common import split_lines
+
+    header = (b"ts,uid,id.orig_h,id.orig_p,id.resp_h,id.resp_p,proto,service,duration,orig_bytes,resp_bytes,"
+              b"conn_state,local_orig,local_resp,label,detailed-label")
+    recs = [b"1540469303.5,C%d,192.168.1.%d,5868%d,8.8.8.8,53,udp,dns,0.1,48,96,SF,T,F,benign,-" % (i, i, i)
+            for i in range(8)]
+    recs[3] = recs[3].replace(b"benign,-", b"Malicious,PartOfAHorizontalPortScan")
+    if variant == "bad-value":
+        recs[2] = recs[2].replace(b",48,", b",-5,")
+        recs[6] = recs[6].replace(b",T,F,", b",yes,F,")
+    elif variant == "blank-middle":
+        recs.insert(4, b"")
+    elif variant == "blank-end":
+        recs.append(b"")
+    elif variant == "padded":
+        recs[1] = recs[1].replace(b",udp,", b", udp ,").replace(b",T,", b", T,")
+    elif variant == "empty-fields-row":
+        recs.insert(5, b"," * 15)
+    elif variant == "wrong-field-count":
+        recs[4] = recs[4] + b",extra"
+    data = b"\n".join([header, *recs]) + (b"" if variant == "no-final-newline" else b"\n")
+    if variant == "crlf":
+        data = data.replace(b"\n", b"\r\n")
+    elif variant == "bom":
+        data = b"\xef\xbb\xbf" + data
+    fast = zeek.read(data, "conn.csv")
+    slow = zeek._read_csv(split_lines(data), "conn.csv")
+    took_fast = zeek._read_csv_fast(data, "conn.csv") is not None
+    assert took_fast == (variant in ("clean", "bad-value", "crlf", "bom", "padded", "no-final-newline",
+                                     "empty-fields-row"))
+    assert _rows(fast) == _rows(slow)
+    assert fast.read == len([r for r in recs if r.strip()])
+    if variant == "bad-value":
+        assert fast.quarantine["source_row"].to_pylist() == [2, 6]
+        assert "orig_bytes" in fast.quarantine["reason"][0].as_py() and b",-5," in fast.quarantine["raw"][0].as_py().encode()
+    if variant == "padded":
+        assert fast.flows["proto"][1].as_py() == "udp" and fast.flows["local_orig"][1].as_py() is True
+    if variant == "empty-fields-row":
+        assert 5 in fast.quarantine["source_row"].to_pylist()

@@ -37,13 +37,16 @@ def model_ref(tmp_path_factory, shared_data):
     return reg
 
 
-def test_score_raw_files(ray_session, model_ref, shared_data, tmp_path):
+@pytest.mark.parametrize("driver_rows,path", [(None, "driver"), (0, "ray-data")])
+def test_score_raw_files(ray_session, model_ref, shared_data, tmp_path, driver_rows, path):
+    """Both paths (small inputs in the driver, large ones with Ray Data) give the same rows and scores."""
     from nadray.ingest import read_input
     from nadray.score import entity_blocks, score
 
     paths = [str(shared_data / "iot23_small_scenarios" / f"{c}-labeled.csv") for c in CAPTURES]
     out = str(tmp_path / "scores")
-    report = score(model_ref, paths, out)
+    report = score(model_ref, paths, out, driver_rows=driver_rows)
+    assert report.path == path and report.files
     flows = pa.concat_tables([read_input(p).flows for p in paths])
     assert report.rows_scored == flows.num_rows == report.read and report.quarantined == 0
     assert "scored" in report.summary()
@@ -73,3 +76,17 @@ def test_bad_ref_names_it(tmp_path):
 
     with pytest.raises(ModelError, match=str(tmp_path)):
         score(str(tmp_path / "nothing"), ["x.csv"], str(tmp_path / "o"))
+
+
+def test_score_counts_only_its_own_files(model_ref, shared_data, tmp_path):
+    """A rerun into the same folder counts the rows it wrote, not the earlier run's (no Ray needed)."""
+    from nadray.score import score
+
+    path = str(shared_data / "iot23_small_scenarios" / f"{CAPTURES[0]}-labeled.csv")
+    out = str(tmp_path / "scores")
+    first = score(model_ref, [path], out)
+    second = score(model_ref, [path], out)
+    assert first.path == second.path == "driver"
+    assert first.rows_scored == second.rows_scored == first.read
+    assert set(first.files).isdisjoint(second.files)
+    assert pq.read_table(out).num_rows == 2 * first.rows_scored

@@ -21,7 +21,6 @@ So every record ends either in the flows table or in the quarantine table, and
 from __future__ import annotations
 
 import datetime as _dt
-import io
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -75,7 +74,7 @@ class Records:
     columns: list[str]
     table: pa.Table  # all-string columns, one row per good record
     rows: np.ndarray  # int64 source_row of each good record
-    lines: list[bytes]  # the raw text of each good record (for quarantine)
+    lines: Sequence[bytes]  # the raw text of each good record (for quarantine)
     bad: list[tuple[int, str, str]]  # (source_row, raw, reason) of records failing the split
     read: int  # number of data records
 
@@ -161,7 +160,8 @@ def split_records(
 
 
 def _read_strings(blob: bytes, columns: list[str], sep: bytes, expected: int,
-                  keep: Iterable[str] | None = None) -> pa.Table:
+                  keep: Iterable[str] | None = None, terminated: bool = False) -> pa.Table:
+    """``expected`` records of ``blob`` as string columns; ``terminated``: ``blob`` already ends with a newline."""
     uniq = unique_names(columns)
     keep_set = set(keep) if keep is not None else None
     if expected == 0:
@@ -169,7 +169,7 @@ def _read_strings(blob: bytes, columns: list[str], sep: bytes, expected: int,
     names = [f"c{i}" for i in range(len(columns))]
     include = [n for n, c in zip(names, uniq) if keep_set is None or c in keep_set]
     table = pacsv.read_csv(
-        io.BytesIO(blob + b"\n"),
+        pa.BufferReader(blob if terminated else blob + b"\n"),
         read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 20),
         parse_options=pacsv.ParseOptions(
             delimiter=sep.decode(), quote_char=False, escape_char=False,
@@ -243,7 +243,10 @@ class Validator:
         nulls = list(nulls)
         if not nulls:
             return pc.is_null(arr)
-        return pc.or_kleene(pc.is_null(arr), pc.is_in(arr, value_set=pa.array(nulls, pa.string())))
+        listed = pc.is_in(arr, value_set=pa.array(nulls, pa.string()))
+        if arr.null_count == 0:  # parsed text has no nulls: skip two passes
+            return listed
+        return pc.or_kleene(pc.is_null(arr), listed)
 
     def required(self, arr: pa.Array, name: str, nulls: Iterable[str] = ("", "-")) -> pa.Array:
         """A non-empty string; nulls break the 'required' rule."""
@@ -472,7 +475,7 @@ def _col(n: int, v, typ: pa.DataType) -> pa.Array:
         return v.cast(typ) if v.type != typ else v
     if isinstance(v, np.ndarray):
         return pa.array(v, typ)
-    return pa.array([v] * n, typ)  # scalar
+    return pa.repeat(pa.scalar(v, typ), n)  # scalar (no n-item Python list)
 
 
 def assemble(
@@ -540,23 +543,71 @@ def empty_result(source: str, fmt: str) -> ReadResult:
     return ReadResult(FLOW_SCHEMA.empty_table(), quarantine_table(source, []), 0, fmt)
 
 
+class _Lines(Sequence):
+    """The lines of a newline-terminated ``body``, split only when first indexed.
+
+    The clean-file fast path needs a record's raw text only to quarantine it (a
+    value that breaks a rule), so most files are never split into lines.
+    """
+
+    def __init__(self, body: bytes, n: int):
+        self._body = body
+        self._n = n
+        self._lines: list[bytes] | None = None
+
+    def _split(self) -> list[bytes]:
+        if self._lines is None:
+            self._lines = self._body[:-1].split(b"\n")
+        return self._lines
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        return self._split()[i]
+
+
+def _blank(line: bytes) -> bool:
+    return not line.strip()
+
+
+# ASCII bytes that pyarrow's utf8_trim_whitespace removes (besides the LF that ends lines).
+_TRIMMED = (b" ", b"\t", b"\x0b", b"\x0c", b"\r", b"\x1c", b"\x1d", b"\x1e", b"\x1f")
+
+
+def has_padding(body: bytes) -> bool:
+    """Whether some value of ``body`` may carry whitespace that trimming would remove.
+
+    False only for ASCII text without any whitespace byte but LF (a few memchr scans):
+    then every ``utf8_trim_whitespace`` of its fields is a no-op and can be skipped.
+    """
+    return not body.isascii() or any(c in body for c in _TRIMMED)
+
+
 def fast_records(body: bytes, columns: list[str], sep: bytes, keep: Iterable[str] | None = None) -> Records | None:
     """Clean-file fast path: parse ``body`` (data records only) in one ``pyarrow.csv`` call.
 
     Returns None (use ``split_records``) unless every line is a non-blank record
     with the right field count, valid UTF-8 and no carriage return; pyarrow
-    itself rejects a wrong field count or bad UTF-8, so nothing is checked per line.
+    itself rejects a wrong field count or bad UTF-8, so nothing is checked per line,
+    and the body is split into lines only if a record must be quarantined later.
     """
-    if not body or b"\r" in body or b"\n\n" in body or body[:1] in (b"\n", b" ", b"\t"):
+    if not body or b"\r" in body or body[:1] in (b"\n", b" ", b"\t"):
         return None
     if not body.endswith(b"\n"):
         body += b"\n"
     n = body.count(b"\n")
+    first = body[:body.find(b"\n")]
+    last = body[body.rfind(b"\n", 0, len(body) - 1) + 1:-1]
+    if _blank(first) or _blank(last):
+        return None
     try:
-        table = _read_strings(body[:-1], columns, sep, n, keep)
+        table = _read_strings(body, columns, sep, n, keep, terminated=True)
     except (pa.ArrowInvalid, InputError):
         return None
-    lines = body[:-1].split(b"\n")
-    if any(not ln.strip() for ln in lines[:1] + lines[-1:]):
+    # pyarrow reads a blank line as a record of empty fields; those go to split_records,
+    # which drops them. Searching the body for b"\n\n" is slow (LF is everywhere), so look
+    # only when some record has an empty first field, as a blank line's would.
+    if (not table.num_columns or pc.any(pc.equal(table.column(0), "")).as_py()) and b"\n\n" in body:
         return None
-    return Records(columns, table, np.arange(n, dtype=np.int64), lines, [], n)
+    return Records(columns, table, np.arange(n, dtype=np.int64), _Lines(body, n), [], n)

@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 from nadray.errors import InputError
 from nadray.ingest.common import (
     ReadResult, Records, Validator, assemble, decode_raw, fast_records, label_of_text, map_labels, split_lines, split_records,
+    has_padding, strip_bom,
 )
 
 FORMAT = "zeek"
@@ -61,6 +62,8 @@ def _is_blank(ln: bytes) -> bool:
 def read(data: bytes, source: str) -> ReadResult:
     """Parse a Zeek conn log (any of the three shapes) into canonical flows + quarantine."""
     fast = _read_tsv_fast(data, source)
+    if fast is None:
+        fast = _read_csv_fast(data, source)
     if fast is not None:
         return fast
     lines = split_lines(data)
@@ -147,15 +150,48 @@ def _read_tsv(lines: list[bytes], source: str) -> ReadResult:
     return _convert(recs, source, nulls=(unset, empty, ""))
 
 
+def _csv_header(line: bytes, source: str) -> tuple[list[str], bytes]:
+    header = decode_raw(line).strip()
+    sep = b"\t" if header.count("\t") > header.count(",") else b","
+    columns = [c.strip() for c in header.split(sep.decode())]
+    _check_columns(columns, source)
+    return columns, sep
+
+
+def _read_csv_fast(data: bytes, source: str) -> ReadResult | None:
+    """Clean CSV (header on the first line, then records only): the bytes after the
+    header go to pyarrow.csv in one call, never split into lines (``common.fast_records``).
+
+    None when the file needs the line-by-line path (blank or comment lines, a
+    record with the wrong field count, bad UTF-8, a bare CR, ...), which gives the
+    same rows and ``source_row`` numbers.
+    """
+    data = strip_bom(data)
+    if b"\r" in data and b"\r\n" in data:  # memchr first: a two-byte search is slow on text with many LFs
+        data = data.replace(b"\r\n", b"\n")  # as split_lines does
+    nl = data.find(b"\n")
+    if nl <= 0:
+        return None
+    first = data[:nl]
+    start = first.lstrip()
+    if not start.strip() or start[:1] in (b"#", b"{") or first[:1] in (b" ", b"\t"):
+        return None
+    body = data[nl + 1:]
+    if not body[:1] or body[:1] == b"\n":
+        return None
+    columns, sep = _csv_header(first, source)
+    recs = fast_records(body, columns, sep, keep=USED)
+    if recs is None:
+        return None
+    return _convert(recs, source, nulls=("", "-", "(empty)"), padded=has_padding(body))
+
+
 def _read_csv(lines: list[bytes], source: str) -> ReadResult:
     it = iter(i for i, ln in enumerate(lines) if ln.strip())
     h = next(it, None)
     if h is None:
         raise InputError(f"{source}: empty file")
-    header = decode_raw(lines[h]).strip()
-    sep = b"\t" if header.count("\t") > header.count(",") else b","
-    columns = [c.strip() for c in header.split(sep.decode())]
-    _check_columns(columns, source)
+    columns, sep = _csv_header(lines[h], source)
     data = lines[h + 1:]
     recs = fast_records(b"\n".join(data), columns, sep, keep=USED) if all(data[:1]) else None
     if recs is None:
@@ -221,8 +257,8 @@ def _check_columns(columns: list[str], source: str) -> None:
                          f"(columns: {', '.join(columns[:12])}{', ...' if len(columns) > 12 else ''})")
 
 
-def _bool(v: Validator, arr: pa.Array, name: str, nulls) -> pa.Array:
-    arr = pc.utf8_trim_whitespace(arr)
+def _bool(v: Validator, arr: pa.Array, name: str, nulls, strip=pc.utf8_trim_whitespace) -> pa.Array:
+    arr = strip(arr)
     low = pc.utf8_lower(arr)
     isnull = v._null_mask(arr, nulls)
     t = pc.is_in(low, value_set=pa.array(["t", "true", "1"]))
@@ -231,21 +267,25 @@ def _bool(v: Validator, arr: pa.Array, name: str, nulls) -> pa.Array:
     return pc.if_else(t, True, pc.if_else(f, False, pa.scalar(None, pa.bool_())))
 
 
-def _zeek_label_detail(label: pa.Array, detail: pa.Array | None, nulls) -> pa.Array:
-    lab = pc.utf8_trim_whitespace(label)
+def _zeek_label_detail(label: pa.Array, detail: pa.Array | None, nulls, strip=pc.utf8_trim_whitespace) -> pa.Array:
+    lab = strip(label)
     lab = pc.if_else(pc.is_in(lab, value_set=pa.array(list(nulls))), pa.scalar(None, pa.string()), lab)
     if detail is None:
         return lab
-    det = pc.utf8_trim_whitespace(detail)
+    det = strip(detail)
     det_set = pc.invert(pc.fill_null(pc.is_in(det, value_set=pa.array(list(nulls))), True))
     joined = pc.binary_join_element_wise(pc.fill_null(lab, ""), det, ": ")
     return pc.if_else(det_set, joined, lab)
 
 
-def _convert(recs: Records, source: str, nulls, missing_ok: bool = False, trim: bool = True) -> ReadResult:
+def _convert(recs: Records, source: str, nulls, missing_ok: bool = False, trim: bool = True,
+             padded: bool = True) -> ReadResult:
+    """String columns -> canonical flows. ``trim``: strip padding from values before the
+    rules; ``padded=False`` says no value has any (``common.has_padding``), so no trim runs."""
     t = recs.table
     n = t.num_rows
-    v = Validator(n, trim=trim)
+    v = Validator(n, trim=trim and padded)
+    strip = pc.utf8_trim_whitespace if padded else (lambda a: a)
     names = t.column_names
 
     def col(name):
@@ -270,11 +310,11 @@ def _convert(recs: Records, source: str, nulls, missing_ok: bool = False, trim: 
         out[zname] = None if a is None else v.optional_str(a, nulls=nulls)
     for zname in ("local_orig", "local_resp"):
         a = col(zname)
-        out[zname] = None if a is None else _bool(v, a, zname, nulls)
+        out[zname] = None if a is None else _bool(v, a, zname, nulls, strip)
     lab = next((col(c) for c in LABEL_COLS if c in names), None)
     if lab is not None:
         det = next((col(c) for c in DETAIL_COLS if c in names), None)
-        text = _zeek_label_detail(lab, det, nulls)
+        text = _zeek_label_detail(lab, det, nulls, strip)
         out["label_detail"] = text
-        out["label"] = map_labels(pc.utf8_trim_whitespace(lab), label_of_text)
+        out["label"] = map_labels(strip(lab), label_of_text)
     return assemble(source, FORMAT, recs.read, recs.rows, out, v, recs.lines, recs.bad)
