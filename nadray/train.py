@@ -349,6 +349,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             v_lg.append(lg.numpy())
         val_loss = float(np.sum(v_losses) / max(1, len(val_idx)))
         metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
+                   "placement_group": _worker_placement_group(),
                    **_val_metrics(arrays, np.concatenate(v_sq) if v_sq else np.zeros((0, args.n_features)),
                                   np.concatenate(v_lg) if v_lg else np.zeros(0), objective, err_norm)}
         improved = val_loss < best_val - 1e-6
@@ -429,20 +430,61 @@ def build_trainer(data: TrainingData | dict[str, Any], cfg: Config, run_config_o
     )
 
 
+def _worker_placement_group() -> str:
+    """The id of the placement group this Train worker runs in ('' outside one).
+
+    Reported with each epoch's metrics so that whoever started the run can release
+    exactly this group if Ray Train leaves it behind (see below)."""
+    import ray
+
+    pg = ray.util.get_current_placement_group()
+    return pg.id.hex() if pg is not None else ""
+
+
+def release_placement_group(pg_id: str | None) -> None:
+    """Remove one placement group by id if it is still alive; never raises."""
+    if not pg_id:
+        return
+    try:
+        import ray
+        from ray._raylet import PlacementGroupID
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        info = ray.util.placement_group_table().get(pg_id)
+        if info and info.get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
+            log.info("releasing placement group %s left by a finished Train run", pg_id)
+            remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
+    except Exception as e:  # housekeeping must never fail the run
+        log.debug("placement group %s: %s", pg_id, e)
+
+
 @contextlib.contextmanager
 def releasing_leaked_placement_groups(enabled: bool = True):
-    """Remove worker placement groups a Train run leaves behind once its ``fit()`` has returned.
+    """Give back what a Train run holds once its ``fit()`` has returned or failed.
 
-    Ray Train 2.60 releases a finished or failed run's worker group through a cleaner
-    that asks the State API whether the controller died; without a dashboard (embedded
-    Ray, CI) that query fails and the run's CPUs stay reserved, so the next fit on a
-    small cluster waits forever. Only groups created during the call are touched: use
-    it where fits do not run concurrently from the same cluster (``nadray train``, the
-    nightly job, one Tune trial at a time).
+    Two Ray Train 2.60 behaviours, measured here, would otherwise starve the next fit
+    on a small cluster: (1) from the main thread, ``TorchTrainer.fit`` installs a
+    SIGINT handler whose closure keeps the run's controller actor alive after the run;
+    we restore the previous handler so the controller can exit (and Ctrl+C works
+    again). (2) A run's worker placement group is released by a cleaner that asks the
+    State API whether the controller died, which fails without a dashboard (embedded
+    Ray, CI); groups created during the call that outlive it are removed. Use it where
+    fits do not run concurrently on the same cluster (``nadray train``, the nightly
+    job, one Tune trial at a time).
     """
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
     if not enabled:
-        yield
+        try:
+            yield
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
         return
+    import gc
+
     import ray
 
     def live() -> set[str]:
@@ -453,6 +495,9 @@ def releasing_leaked_placement_groups(enabled: bool = True):
     try:
         yield
     finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+            gc.collect()  # drop the handler's closure, and with it the controller's handle
         try:
             from ray._raylet import PlacementGroupID
             from ray.util.placement_group import PlacementGroup, remove_placement_group
@@ -482,6 +527,7 @@ def fit(data: TrainingData, cfg: Config, storage_path: str | None = None, name: 
     over = {"storage_path": _storage_path(storage_path), "name": name}
     with releasing_leaked_placement_groups():
         result = build_trainer(data, cfg, over, init_weights=init_weights).fit()
+    release_placement_group((result.metrics or {}).get("placement_group"))
     if result.checkpoint is None:
         raise NadrayError(f"training run {name} produced no checkpoint (error: {getattr(result, 'error', None)})")
     args = ModelArgs.from_config(cfg, data.encoder.n_features)

@@ -257,8 +257,7 @@ def run_search(
     trainable = rtune.with_resources(trainable, {"cpu": 0.01})
     exp_path = storage.join(storage_path, name)
     callbacks = list(callbacks or [])
-    if max_concurrent == 1:
-        callbacks.append(_ReleaseStoppedTrainRuns())
+    callbacks.append(_ReleaseStoppedTrainRuns())
     if rtune.Tuner.can_restore(exp_path):
         log.info("tune: resuming the interrupted search at %s", exp_path)
         tuner = rtune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
@@ -326,54 +325,28 @@ def _release_stopped_train_runs_cls():
         When ASHA stops a trial, Tune kills the trial actor and, with it, the Train
         controller; Ray Train's own cleaner asks the State API whether the controller
         died, which fails without a dashboard (embedded Ray, tests), so the workers'
-        CPUs stay reserved and the next trial never starts. Used only when trials run
-        one at a time: every placement group created during the trial is the trial's.
+        CPUs stay reserved and the next trial never starts. Each Train run reports its
+        worker group's id with its metrics, so exactly that group is released.
         """
 
-        def __init__(self):
-            self._before: set[str] = set()
-
-        def on_trial_start(self, iteration, trials, trial, **info):
-            self._before = set(_live_placement_groups())
-
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self._release(trial)
+            self._release(trial, trials)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self._release(trial)
+            self._release(trial, trials)
 
-        def _release(self, trial):
-            from ray._raylet import PlacementGroupID
-            from ray.util.placement_group import PlacementGroup, remove_placement_group
+        def _release(self, trial, trials=()):
+            from nadray import train as core
 
-            try:
-                live = _live_placement_groups()
-            except Exception as e:  # never let housekeeping fail the search
-                log.debug("placement group table: %s", e)
-                return
-            for pg_id, bundles in live.items():
-                # Tune's own trial groups ask for 0.01 CPU; leave every group that predates the trial.
-                if pg_id in self._before or all(b.get("CPU", 0) < 0.1 for b in bundles):
-                    continue
-                log.info("tune: releasing placement group %s of stopped trial %s", pg_id, trial.trial_id)
-                try:
-                    remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
-                except Exception as e:  # already gone, or the GCS is busy: nothing else to do
-                    log.debug("placement group %s: %s", pg_id, e)
+            # The group id the trial's Train run reported with its metrics: exact, so
+            # safe while the next trial is already starting.
+            core.release_placement_group((trial.last_result or {}).get("placement_group"))
 
     return ReleaseStoppedTrainRuns
 
 
 def _ReleaseStoppedTrainRuns():  # noqa: N802 (a factory: Tune's Callback base is imported lazily)
     return _release_stopped_train_runs_cls()()
-
-
-def _live_placement_groups() -> dict[str, list[dict[str, float]]]:
-    import ray
-
-    return {pg_id: list(info.get("bundles", {}).values())
-            for pg_id, info in ray.util.placement_group_table().items()
-            if info.get("state") in ("CREATED", "PENDING", "RESCHEDULING")}
 
 
 def expected_trials(space: dict[str, Any], cfg: Config) -> int:
@@ -507,8 +480,10 @@ def _train_trial(config: dict[str, Any], shared: dict[str, Any] | None = None) -
         "storage_path": shared["train_storage"],
         "callbacks": [TuneReportCallback()],  # Ray: each epoch's report becomes a Tune result
     })
-    with core.releasing_leaked_placement_groups(enabled=shared.get("one_at_a_time", False)):
-        trainer.fit()
+    # Not the snapshot-based cleanup of train.fit: the next trial may start at any
+    # moment. The run reports its own group's id; release exactly that one.
+    result = trainer.fit()
+    core.release_placement_group((result.metrics or {}).get("placement_group"))
 
 
 def _objective_indices(data: Any, objectives: list[str]) -> dict[str, tuple[np.ndarray, float]]:
@@ -619,8 +594,6 @@ def tune(archive: str, registry: str, cfg: Config, name: str | None = None,
         "train_storage": storage.join(exp_path, "train_runs"),
     }
     concurrent = max_concurrent_trials(cluster_cpus(), cfg)
-    # One trial at a time: a trial may safely release what its own Train run leaked.
-    shared["one_at_a_time"] = concurrent == 1
     log.info("tune: %s search %s on %d events (%d features): %s", cfg.tune.search, name, len(data.events),
              data.encoder.n_features, ", ".join(p.key for p in params))
 
