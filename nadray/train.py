@@ -409,6 +409,13 @@ def build_trainer(data: TrainingData | dict[str, Any], cfg: Config, run_config_o
     from ray.train.torch import TorchTrainer
 
     over = dict(run_config_overrides or {})
+    path = over.get("storage_path")
+    if isinstance(path, str) and path.startswith("s3://") and "storage_filesystem" not in over:
+        from nadray import storage
+
+        # Workers get the driver's S3 settings with the filesystem object itself.
+        over["storage_filesystem"] = storage.arrow_s3_filesystem()
+        over["storage_path"] = path[len("s3://"):]
     run_config = RunConfig(**{
         "name": over.pop("name", None) or "nadray-train",
         "storage_path": over.pop("storage_path", None),
