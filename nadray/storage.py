@@ -24,9 +24,8 @@ def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
-def _s3_fs() -> fsspec.AbstractFileSystem:
-    import s3fs
-
+def _s3_client_kwargs() -> dict[str, Any]:
+    """Endpoint and region from the standard AWS variables (MinIO, SeaweedFS, real S3)."""
     client_kwargs: dict[str, Any] = {}
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
     if endpoint:
@@ -34,8 +33,14 @@ def _s3_fs() -> fsspec.AbstractFileSystem:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         client_kwargs["region_name"] = region
+    return client_kwargs
+
+
+def _s3_fs() -> fsspec.AbstractFileSystem:
+    import s3fs
+
     # skip_instance_cache: a test (or a long job) may change the endpoint between calls.
-    return s3fs.S3FileSystem(client_kwargs=client_kwargs, skip_instance_cache=True)
+    return s3fs.S3FileSystem(client_kwargs=_s3_client_kwargs(), skip_instance_cache=True)
 
 
 def get_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -165,14 +170,7 @@ def arrow_s3_filesystem() -> pafs.FileSystem:
     """
     import s3fs
 
-    client_kwargs: dict[str, Any] = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
-    if endpoint:
-        client_kwargs["endpoint_url"] = endpoint
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        client_kwargs["region_name"] = region
-    kwargs: dict[str, Any] = {"client_kwargs": client_kwargs, "skip_instance_cache": True}
+    kwargs: dict[str, Any] = {"client_kwargs": _s3_client_kwargs(), "skip_instance_cache": True}
     if os.environ.get("AWS_ACCESS_KEY_ID"):
         kwargs["key"] = os.environ["AWS_ACCESS_KEY_ID"]
         kwargs["secret"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
