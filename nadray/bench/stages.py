@@ -431,7 +431,7 @@ def bench_train(base: pa.Table, n_flows: int, windows: int, epochs: int, tmp: st
     from ray.train.torch import TorchTrainer
 
     from nadray.config import Config
-    from nadray.train import build_trainer, prepare_training_data
+    from nadray.train import build_trainer, prepare_training_data, releasing_leaked_placement_groups
 
     cfg = Config()
     cfg.train.max_epochs, cfg.train.patience, cfg.train.max_windows = epochs, epochs + 1, windows
@@ -446,7 +446,8 @@ def bench_train(base: pa.Table, n_flows: int, windows: int, epochs: int, tmp: st
     t_a, plain_a = timed(plain_loop, loop_cfg)
     ray_trainer = TorchTrainer(timed_loop, train_loop_config=loop_cfg, scaling_config=trainer.scaling_config,
                                run_config=trainer.run_config)
-    t_ray, result = timed(ray_trainer.fit)
+    with releasing_leaked_placement_groups():  # Ray Train 2.60 leaks them without a dashboard
+        t_ray, result = timed(ray_trainer.fit)
     if result.error:
         raise RuntimeError(f"Ray Train run failed: {result.error}")
     ray_stamps = result.metrics["bench_report_times"]
