@@ -1,6 +1,7 @@
 # The README's two commands. Both create the virtual environment on first use and
 # install nadray with every dependency pinned by requirements.lock.
-PYTHON ?= python3.11
+# Python 3.11: python3.11 when it is on PATH, else python3 (pyproject refuses other versions).
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev/null)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
@@ -11,7 +12,8 @@ DEMO_DIR ?= demo-output
 install: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
-	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11) on PATH, or run: make PYTHON=/path/to/python3.11"; exit 2; }
+	@test -n "$(PYTHON)" || { echo "need Python 3.11 on PATH (python3.11 or python3), or run: make PYTHON=/path/to/python3.11"; exit 2; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { echo "$(PYTHON) is not Python 3.11; run: make PYTHON=/path/to/python3.11"; exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip==24.3.1
 	$(PY) -m pip install --quiet -c requirements.lock -e '.[dev]'
