@@ -4,8 +4,8 @@
     ray job submit --working-dir . -- python jobs/benchmark.py --quick --json bench.json
 
 Joins ``RAY_ADDRESS`` or starts an embedded Ray (``nadray.runtime.ensure_ray``).
-Data: the IoT-23 Zeek CSVs of ``NADRAY_SHARED_DATA`` (else ``<repo>/../shared/data``,
-else the bundled ``nadray/datasets`` ones), replicated to each size with shifted
+Data: the eight real IoT-23 Zeek logs bundled in ``nadray/datasets`` (or the
+``.csv``/``.csv.gz`` Zeek logs of ``--data DIR``), replicated to each size with shifted
 timestamps and renamed local hosts (``nadray.bench.data``). Every figure has a
 baseline measured in the same run, alternated or bracketing it where possible,
 because the machine is shared and timings are noisy: read the ratios.
@@ -67,7 +67,8 @@ def _env() -> None:
         os.environ.setdefault(k, v)
 
 
-def run(mode: str = "quick", stages: list[str] | None = None, command: str | None = None) -> dict:
+def run(mode: str = "quick", stages: list[str] | None = None, command: str | None = None,
+        data: str | None = None) -> dict:
     """Run the stages of ``mode`` and return the result document (see BENCHMARKS.md)."""
     _env()
     from nadray.bench import data as bd
@@ -78,7 +79,7 @@ def run(mode: str = "quick", stages: list[str] | None = None, command: str | Non
     stages = stages or STAGES
     sz = SIZES[mode]
     ensure_ray()
-    files = bd.iot23_files()
+    files = bd.iot23_files(data)
     base = bd.load_base(files)
     raw = bd.read_zeek_csv_strings(files)
     tmp = st.tmpdir()
@@ -187,13 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     p.add_argument("--check-floors", action="store_true", help="exit 1 when a floor fails")
     p.add_argument("--only", help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--data", metavar="DIR", help="IoT-23-style Zeek CSVs to replicate (default: the bundled ones)")
     a = p.parse_args(argv)
     mode = "smoke" if a.smoke else "quick" if a.quick else "full"
     stages = a.only.split(",") if a.only else None
     if stages and set(stages) - set(STAGES):
         p.error(f"--only: unknown stage(s) {sorted(set(stages) - set(STAGES))}")
     t0 = time.perf_counter()
-    out = run(mode, stages, command=" ".join(["python", "jobs/benchmark.py", *(sys.argv[1:] if argv is None else argv)]))
+    out = run(mode, stages, command=" ".join(["python", "jobs/benchmark.py", *(sys.argv[1:] if argv is None else argv)]),
+              data=a.data)
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     print(table(out), flush=True)
     print(f"\nwall {out['wall_s']} s", flush=True)

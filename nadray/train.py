@@ -466,7 +466,7 @@ def release_placement_group(pg_id: str | None) -> None:
 
 
 @contextlib.contextmanager
-def releasing_leaked_placement_groups(enabled: bool = True):
+def releasing_leaked_placement_groups():
     """Give back what a Train run holds once its ``fit()`` has returned or failed.
 
     Two Ray Train 2.60 behaviours, measured here, would otherwise starve the next fit
@@ -477,19 +477,13 @@ def releasing_leaked_placement_groups(enabled: bool = True):
     State API whether the controller died, which fails without a dashboard (embedded
     Ray, CI); groups created during the call that outlive it are removed. Use it where
     fits do not run concurrently on the same cluster (``nadray train``, the nightly
-    job, one Tune trial at a time).
+    job, the benchmark); Tune trials, which may overlap, release only the group their
+    run reports (``release_placement_group``).
     """
     import threading
 
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if main else None
-    if not enabled:
-        try:
-            yield
-        finally:
-            if main:
-                signal.signal(signal.SIGINT, previous)
-        return
     import gc
 
     import ray

@@ -54,10 +54,12 @@ class S3Server:
         self.dir = tempfile.mkdtemp(prefix="nadray-weed-")
         self.proc: subprocess.Popen | None = None
         self.endpoint = ""
+        self.base: int | None = None  # chosen once: a restart keeps its ports and data
 
     def start(self, timeout: float = 60) -> "S3Server":
-        base = _free_port_block(4)
-        master, volume, filer, s3 = base, base + 1, base + 2, base + 3
+        if self.base is None:
+            self.base = _free_port_block(4)
+        master, volume, filer, s3 = self.base, self.base + 1, self.base + 2, self.base + 3
         self.endpoint = f"http://127.0.0.1:{s3}"
         cmd = [
             weed_binary(), "server", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -66,8 +68,10 @@ class S3Server:
             # Listeners with fixed default ports would collide between parallel test runs: off.
             "-s3.port.iceberg=0", "-s3.port.lance=0",
         ]
-        self.log = open(os.path.join(self.dir, "weed.log"), "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.log = open(os.path.join(self.dir, "weed.log"), "ab")
+        # Without the AWS_* variables the tests export: weed would turn them into its only identity.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.time() + timeout
         import s3fs
 
@@ -86,7 +90,8 @@ class S3Server:
             except Exception:
                 time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"SeaweedFS S3 did not come up in {timeout}s; log in {self.dir}/weed.log")
+        tail = open(os.path.join(self.dir, "weed.log"), errors="replace").read()[-3000:]
+        raise RuntimeError(f"SeaweedFS S3 did not come up in {timeout}s; log tail:\n{tail}")
 
     def env(self) -> dict[str, str]:
         return {

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from s3server import S3Server, _free_port_block, weed_binary
+from s3server import S3Server
 
 from nadray import archive as arc
 from nadray import registry, storage
@@ -32,39 +31,7 @@ CAPTURES = ["CTU-Honeypot-Capture-4-1", "CTU-Malware-Capture-20-1", "CTU-Honeypo
 
 
 class RestartableS3(S3Server):
-    """``S3Server`` that keeps its ports and data folder across ``stop()`` / ``restart()``."""
-
-    def start(self, timeout: float = 60) -> "RestartableS3":
-        if not getattr(self, "base", None):
-            self.base = _free_port_block(4)
-        master, volume, filer, s3 = self.base, self.base + 1, self.base + 2, self.base + 3
-        self.endpoint = f"http://127.0.0.1:{s3}"
-        cmd = [weed_binary(), "server", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-               f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-               "-s3", f"-s3.port={s3}", "-master.volumeSizeLimitMB=64", "-volume.max=50"]
-        self.log = open(os.path.join(self.dir, "weed.log"), "ab")
-        # Without the AWS_* variables the tests export: weed would turn them into its only identity.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-        import s3fs
-
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"weed exited early; log in {self.dir}/weed.log")
-            try:
-                fs = s3fs.S3FileSystem(key="any", secret="any", client_kwargs={"endpoint_url": self.endpoint},
-                                       skip_instance_cache=True)
-                if not fs.exists("probe-restart"):
-                    fs.mkdir("probe-restart")
-                fs.pipe("probe-restart/x", b"1")
-                if fs.cat("probe-restart/x") == b"1":
-                    return self
-            except Exception:
-                time.sleep(0.5)
-        self.stop()
-        tail = Path(self.dir, "weed.log").read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"SeaweedFS did not come up in {timeout}s; log tail:\n{tail}")
+    """``S3Server`` whose ``stop()`` is a crash; ``start()`` again keeps its ports and data folder."""
 
     def stop(self) -> None:
         """SIGKILL: the storage goes away at once, as in a crash or a network cut (SIGTERM takes 15 s+)."""

@@ -21,26 +21,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-REPO = Path(__file__).resolve().parents[2]
 DAY_US = 86_400 * 1_000_000
 
 
-def data_dir() -> Path | None:
-    """``NADRAY_SHARED_DATA``, else ``<repo>/../shared/data``; None when neither holds IoT-23."""
-    for cand in (os.environ.get("NADRAY_SHARED_DATA"), REPO.parent / "shared" / "data"):
-        if cand and (Path(cand) / "iot23_small_scenarios").is_dir():
-            return Path(cand)
-    return None
+def iot23_files(folder: str | None = None) -> list[str]:
+    """IoT-23-style Zeek CSVs: ``*.csv`` / ``*.csv.gz`` in ``folder``, else the eight
+    scenarios shipped in ``nadray/datasets`` (so the benchmark runs anywhere nadray is
+    installed)."""
+    if folder is None:
+        from nadray import datasets
 
-
-def iot23_files() -> list[str]:
-    """The IoT-23 Zeek CSVs of the shared data, else the bundled ``nadray/datasets`` ones."""
-    d = data_dir()
-    if d is not None:
-        files = sorted(str(p) for p in (d / "iot23_small_scenarios").glob("*-labeled.csv"))
-        if files:
-            return files
-    return sorted(str(p) for p in (REPO / "nadray" / "datasets").glob("iot23-*.csv.gz"))
+        return [str(p) for p in datasets.iot23_paths()]
+    files = sorted(str(p) for p in Path(folder).iterdir() if p.name.endswith((".csv", ".csv.gz")))
+    if not files:
+        raise FileNotFoundError(f"--data {folder}: no .csv or .csv.gz Zeek logs in that folder")
+    return files
 
 
 def load_base(files: list[str]) -> pa.Table:
