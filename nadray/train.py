@@ -23,7 +23,6 @@ gathers its own shard of windows from them in microseconds.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from nadray import placement
 from nadray.config import Config, config_from_dict
 from nadray.errors import NadrayError
 from nadray.features import Events, FeatureEncoder, make_windows
@@ -441,73 +441,11 @@ def _worker_placement_group() -> str:
     """The id of the placement group this Train worker runs in ('' outside one).
 
     Reported with each epoch's metrics so that whoever started the run can release
-    exactly this group if Ray Train leaves it behind (see below)."""
+    exactly this group if Ray Train leaves it behind (``nadray.placement``)."""
     import ray
 
     pg = ray.util.get_current_placement_group()
     return pg.id.hex() if pg is not None else ""
-
-
-def release_placement_group(pg_id: str | None) -> None:
-    """Remove one placement group by id if it is still alive; never raises."""
-    if not pg_id:
-        return
-    try:
-        import ray
-        from ray._raylet import PlacementGroupID
-        from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-        info = ray.util.placement_group_table().get(pg_id)
-        if info and info.get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
-            log.info("releasing placement group %s left by a finished Train run", pg_id)
-            remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
-    except Exception as e:  # housekeeping must never fail the run
-        log.debug("placement group %s: %s", pg_id, e)
-
-
-@contextlib.contextmanager
-def releasing_leaked_placement_groups():
-    """Give back what a Train run holds once its ``fit()`` has returned or failed.
-
-    Two Ray Train 2.60 behaviours, measured here, would otherwise starve the next fit
-    on a small cluster: (1) from the main thread, ``TorchTrainer.fit`` installs a
-    SIGINT handler whose closure keeps the run's controller actor alive after the run;
-    we restore the previous handler so the controller can exit (and Ctrl+C works
-    again). (2) A run's worker placement group is released by a cleaner that asks the
-    State API whether the controller died, which fails without a dashboard (embedded
-    Ray, CI); groups created during the call that outlive it are removed. Use it where
-    fits do not run concurrently on the same cluster (``nadray train``, the nightly
-    job, the benchmark); Tune trials, which may overlap, release only the group their
-    run reports (``release_placement_group``).
-    """
-    import threading
-
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGINT) if main else None
-    import gc
-
-    import ray
-
-    def live() -> set[str]:
-        return {pg for pg, info in ray.util.placement_group_table().items()
-                if info.get("state") in ("CREATED", "PENDING", "RESCHEDULING")}
-
-    before = live()
-    try:
-        yield
-    finally:
-        if main:
-            signal.signal(signal.SIGINT, previous)
-            gc.collect()  # drop the handler's closure, and with it the controller's handle
-        try:
-            from ray._raylet import PlacementGroupID
-            from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-            for pg in live() - before:
-                log.info("releasing placement group %s left by a finished Train run", pg)
-                remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg)))
-        except Exception as e:  # housekeeping must never fail the run
-            log.debug("placement group cleanup: %s", e)
 
 
 @dataclass
@@ -526,9 +464,9 @@ def fit(data: TrainingData, cfg: Config, storage_path: str | None = None, name: 
     from nadray.model import EventLSTM, ModelArgs
 
     over = {"storage_path": _storage_path(storage_path), "name": name}
-    with releasing_leaked_placement_groups():
+    with placement.releasing_leaked_placement_groups():
         result = build_trainer(data, cfg, over, init_weights=init_weights).fit()
-    release_placement_group((result.metrics or {}).get("placement_group"))
+    placement.release_placement_group((result.metrics or {}).get("placement_group"))
     if result.checkpoint is None:
         raise NadrayError(f"training run {name} produced no checkpoint (error: {getattr(result, 'error', None)})")
     args = ModelArgs.from_config(cfg, data.encoder.n_features)

@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from nadray import storage
+from nadray import placement, storage
 from nadray.config import Config, config_from_dict, set_key, validate
 from nadray.errors import ConfigError, NadrayError
 
@@ -320,27 +320,34 @@ def _release_stopped_train_runs_cls():
     from ray.tune import Callback
 
     class ReleaseStoppedTrainRuns(Callback):
-        """Remove the placement groups of a Train run whose trial Tune stopped early.
+        """Give back the CPUs of Train runs whose trial has ended or was stopped.
 
         When ASHA stops a trial, Tune kills the trial actor and, with it, the Train
-        controller; Ray Train's own cleaner asks the State API whether the controller
-        died, which fails without a dashboard (embedded Ray, tests), so the workers'
-        CPUs stay reserved and the next trial never starts. Each Train run reports its
-        worker group's id with its metrics, so exactly that group is released.
+        controller, whose worker group then keeps its CPUs (``nadray.placement``):
+        the next trial would wait for ever on a small cluster. A trial's own group
+        is released when it ends (its Train run reports the group's id); any other
+        group whose controller has died (e.g. one recreated while the trial was
+        being stopped) is found from the GCS at most every few seconds.
         """
 
+        def __init__(self):
+            self._next_sweep = 0.0
+
+        def on_step_begin(self, iteration, trials, **info):
+            now = time.monotonic()
+            if now >= self._next_sweep:
+                self._next_sweep = now + 2.0
+                placement.release_orphaned_placement_groups()
+
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self._release(trial, trials)
+            self._release(trial)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self._release(trial, trials)
+            self._release(trial)
 
-        def _release(self, trial, trials=()):
-            from nadray import train as core
-
-            # The group id the trial's Train run reported with its metrics: exact, so
-            # safe while the next trial is already starting.
-            core.release_placement_group((trial.last_result or {}).get("placement_group"))
+        def _release(self, trial):
+            placement.release_placement_group((trial.last_result or {}).get("placement_group"))
+            placement.release_orphaned_placement_groups()
 
     return ReleaseStoppedTrainRuns
 
@@ -483,7 +490,7 @@ def _train_trial(config: dict[str, Any], shared: dict[str, Any] | None = None) -
     # Not the snapshot-based cleanup of train.fit: the next trial may start at any
     # moment. The run reports its own group's id; release exactly that one.
     result = trainer.fit()
-    core.release_placement_group((result.metrics or {}).get("placement_group"))
+    placement.release_placement_group((result.metrics or {}).get("placement_group"))
 
 
 def _objective_indices(data: Any, objectives: list[str]) -> dict[str, tuple[np.ndarray, float]]:

@@ -431,7 +431,8 @@ def bench_train(base: pa.Table, n_flows: int, windows: int, epochs: int, tmp: st
     from ray.train.torch import TorchTrainer
 
     from nadray.config import Config
-    from nadray.train import build_trainer, prepare_training_data, releasing_leaked_placement_groups
+    from nadray.placement import releasing_leaked_placement_groups
+    from nadray.train import build_trainer, prepare_training_data
 
     cfg = Config()
     cfg.train.max_epochs, cfg.train.patience, cfg.train.max_windows = epochs, epochs + 1, windows

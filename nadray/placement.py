@@ -1,0 +1,132 @@
+"""Giving back the CPUs that a finished Ray Train run forgets to release.
+
+Ray Train 2.60 creates each run's worker placement group from its controller
+actor. A group created by an (undetached) actor lives as long as the *job*, not
+the actor: Ray's ``PlacementGroupCleaner`` removes it when the controller dies, but
+it asks the State API whether the controller died, which fails without a
+dashboard (embedded Ray, CI). So when a controller dies early (Tune's ASHA stops
+a trial, and the controller is fate-shared with the trial's actor) or its group
+is recreated after a failure, the group keeps its CPUs and the next run on a
+small cluster waits for ever. Measured on 2 CPUs; see docs/ARCHITECTURE.md.
+
+The GCS records, for every group, its creator actor and whether that actor is
+dead. A live group whose creator actor is dead can never be used again, so
+``release_orphaned_placement_groups`` removes exactly those: safe at any moment,
+even while other runs start or run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+
+log = logging.getLogger("nadray")
+
+
+def _remove(pg_hex: str, why: str) -> None:
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    log.info("releasing placement group %s (%s)", pg_hex, why)
+    remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_hex)))
+
+
+def orphaned_placement_groups() -> list[str]:
+    """Ids of live, undetached groups created by an actor that is now dead.
+
+    Groups created by a driver (Tune's trial groups, ``nadray serve``) carry a nil
+    creator actor, which the GCS marks dead from the start: they are never touched.
+    The group's own ``creator_actor_dead`` flag is not enough: a controller destroyed
+    because *its* enclosing group (the Tune trial's) was removed stays "alive" there
+    (measured, Ray 2.60), so the actor table has the last word."""
+    import ray
+    from ray.core.generated import gcs_pb2
+
+    removed = gcs_pb2.PlacementGroupTableData.REMOVED
+    # ray.util.placement_group_table() drops the creator fields; the raw GCS table has them.
+    accessor = ray._private.state.state._connect_and_get_accessor()
+    out = []
+    for raw in accessor.get_placement_group_table():
+        d = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if d.state == removed or d.is_detached or not d.creator_actor_id:
+            continue
+        creator = ray.ActorID(d.creator_actor_id)
+        if creator.is_nil():
+            continue
+        if d.creator_actor_dead or _actor_state(creator.hex()) == "DEAD":
+            out.append(d.placement_group_id.hex())
+    return out
+
+
+def _actor_state(actor_hex: str) -> str | None:
+    from ray._private.state import actors
+
+    info = actors(actor_id=actor_hex)
+    return info.get("State") if info else None
+
+
+def release_orphaned_placement_groups() -> int:
+    """Remove every group whose creator actor is dead; return how many. Never raises:
+    housekeeping must not fail the run it serves."""
+    n = 0
+    try:
+        for pg in orphaned_placement_groups():
+            _remove(pg, "its Ray Train controller is gone")
+            n += 1
+    except Exception as e:
+        log.debug("placement group cleanup: %s", e)
+    return n
+
+
+def release_placement_group(pg_id: str | None) -> None:
+    """Remove one group by id (the one a Train run reported) if still alive; never raises."""
+    if not pg_id:
+        return
+    try:
+        import ray
+
+        info = ray.util.placement_group_table().get(pg_id)
+        if info and info.get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
+            _remove(pg_id, "left by a finished Train run")
+    except Exception as e:
+        log.debug("placement group %s: %s", pg_id, e)
+
+
+@contextlib.contextmanager
+def releasing_leaked_placement_groups() -> Iterator[None]:
+    """Give back what a Train run holds once its ``fit()`` has returned or failed.
+
+    Besides orphaned groups, from the main thread ``TorchTrainer.fit`` installs a
+    SIGINT handler whose closure keeps the run's controller alive after the run; the
+    previous handler is restored so the controller can exit (and Ctrl+C works again).
+    Use it where fits do not run concurrently on the same cluster (``nadray train``,
+    the nightly job, the benchmark): groups created during the call that outlive it
+    are removed too. Tune trials, which overlap, use the orphan rule only.
+    """
+    import gc
+
+    import ray
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+
+    def live() -> set[str]:
+        return {pg for pg, info in ray.util.placement_group_table().items()
+                if info.get("state") in ("CREATED", "PENDING", "RESCHEDULING")}
+
+    release_orphaned_placement_groups()  # left by an earlier run, e.g. a killed job
+    before = live()
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+            gc.collect()  # drop the handler's closure, and with it the controller's handle
+        try:
+            for pg in live() - before:
+                _remove(pg, "left by a finished Train run")
+        except Exception as e:
+            log.debug("placement group cleanup: %s", e)
