@@ -94,3 +94,17 @@ def test_worker_kill_resumes_from_checkpoint(ray_session, archive, tmp_path, mon
     epochs = [h["epoch"] for h in result.history]
     assert epochs == sorted(set(epochs)) and epochs[-1] == 3  # resumed, finished, no duplicated epochs
     assert registry.list_versions(reg) == [result.version]
+
+
+def test_entity_scales_judge_each_host_by_its_own_error_shrunk_toward_the_population():
+    from nadray.train import entity_scales
+
+    # Host a: 3 training events with a high error; host b: 100 with a low one.
+    ent = np.array(["a"] * 3 + ["b"] * 100, dtype=object)
+    err = np.array([9.0] * 3 + [1.0] * 100)
+    s = entity_scales(ent, err, prior=5)
+    g = err.mean()
+    assert s["global"] == pytest.approx(g)
+    assert s["entities"]["a"] == pytest.approx((27.0 + 5 * g) / 8)  # pulled toward g: few events
+    assert s["entities"]["b"] == pytest.approx((100.0 + 5 * g) / 105)  # mostly its own
+    assert 1.0 < s["entities"]["b"] < s["entities"]["a"] < 9.0
