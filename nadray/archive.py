@@ -26,7 +26,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import io
-import posixpath
 import re
 from typing import Any
 
@@ -178,11 +177,6 @@ def list_manifest(archive: str) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- read
-
-
-def dataset_uri(archive: str) -> str:
-    """The archive root, for Ray Data ``read_parquet`` with Hive partitioning (prefer :func:`dataset_paths`)."""
-    return str(archive).rstrip("/")
 
 
 def list_dates(archive: str) -> list[str]:

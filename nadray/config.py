@@ -328,8 +328,6 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(
                 f"config key 'data.local_networks[{i}]': expected a CIDR network like 10.0.0.0/8, got {net!r}"
             ) from None
-    if cfg.train.use_gpu:
-        pass  # checked when the trainer starts: the cluster must have GPUs
     return cfg
 
 
@@ -368,6 +366,9 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             text = storage.read_bytes(path).decode("utf-8")
         except FileNotFoundError:
             raise ConfigError(f"config file {path}: not found") from None
+        except (OSError, UnicodeDecodeError) as e:  # a folder, no permission, not UTF-8 text
+            raise ConfigError(f"config file {path}: cannot read it as UTF-8 YAML text "
+                              f"({e.__class__.__name__}: {e})") from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:

@@ -28,11 +28,10 @@ from nadray.schema import FLOW_COLUMNS, FLOW_SCHEMA, TIME_ORDER
 
 log = logging.getLogger("nadray.data")
 
-# Inputs up to this many rows are materialised once and featurised in the driver
-# with vectorised numpy: on 2 cores every Ray shuffle costs 8-19 s of fixed
-# overhead (RAY.md), far more than featurising a few million rows in-process
-# (~1 M events/s). Above it, score.py groups records by entity with one Ray Data
-# shuffle so no single process holds the whole input.
+# Training materialises its flows once and featurises them in the driver with
+# vectorised numpy: on 2 cores every Ray shuffle costs 8-19 s of fixed overhead
+# (RAY.md), far more than featurising a few million rows in-process (~1 M
+# events/s). Above this many rows a warning says so: the driver must hold them.
 SMALL_INPUT_ROWS = 5_000_000
 # Archives whose partitions in range total less than this are read in-process with
 # pyarrow (same partition pruning): a Ray Data read_parquet costs 5-25 s of fixed

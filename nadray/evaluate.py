@@ -619,20 +619,17 @@ def evaluate(archive: str, model_ref: str, report_dir: str, cfg: Any = None) -> 
 
 # --------------------------------------------------------------------------- the cs448b founding experiment
 
-# SOURCES.md: investigations of "odd" activity on these days (the compromise may be
-# earlier); the other five hosts were never reported. Host ids as the cs448b adapter
-# writes them ("0" .. "9").
-CS448B_GROUND_TRUTH: dict[str, Any] = {
-    "compromised": {"1": "2006-08-24", "5": "2006-09-04", "4": "2006-09-18", "3": "2006-09-26", "6": "2006-09-26"},
-    "clean": ["0", "2", "7", "8", "9"],
-}
 # The window the question is asked over: after a July of normal traffic.
 CS448B_WINDOW = ("2006-08-01", "2006-10-01")
 
 
 def _ground_truth(gt: Any) -> tuple[dict[str, Any], list[str]]:
-    """``{"compromised": {host: date}, "clean": [hosts]}``, or a flat ``{host: date or None}``."""
-    gt = CS448B_GROUND_TRUTH if gt is None else gt
+    """``{"compromised": {host: date}, "clean": [hosts]}``, or a flat ``{host: date or None}``
+    (default: the bundled data set's, ``datasets.cs448b_ground_truth()``)."""
+    if gt is None:
+        from nadray import datasets
+
+        gt = datasets.cs448b_ground_truth()
     if "compromised" in gt:
         comp = {str(k): np.datetime64(str(v)[:10], "D") for k, v in dict(gt["compromised"]).items()}
         clean = [str(h) for h in gt.get("clean", [])]
@@ -756,7 +753,7 @@ def cs448b_experiment(
     scores_df : the LSTM's score output over the archive (``entity``, ``ts``, ``score``,
         and ``is_anomaly`` or ``threshold``): one row per (host, ASN, day) record.
     ground_truth : ``{"compromised": {host: investigation date}, "clean": [hosts]}``;
-        default ``CS448B_GROUND_TRUTH`` (SOURCES.md).
+        default ``nadray.datasets.cs448b_ground_truth()`` (SOURCES.md).
     baseline_df : the EWMA z-score baseline's scores in the same columns; or
     flows : the cs448b flow table, to compute them with ``cs448b_daily_ewma``.
     window : ``[start, end)`` days over which hosts are compared (Aug-Sep 2006).

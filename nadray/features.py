@@ -35,7 +35,6 @@ import pyarrow as pa
 
 from nadray.config import Config
 from nadray.errors import NadrayError
-from nadray.schema import TIME_ORDER
 
 FORMAT_VERSION = 1
 

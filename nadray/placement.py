@@ -71,28 +71,19 @@ def _actor_state(actor_hex: str) -> str | None:
 def release_orphaned_placement_groups() -> int:
     """Remove every group whose creator actor is dead; return how many. Never raises:
     housekeeping must not fail the run it serves."""
-    n = 0
     try:
-        for pg in orphaned_placement_groups():
-            _remove(pg, "its Ray Train controller is gone")
-            n += 1
+        orphans = orphaned_placement_groups()
     except Exception as e:
         log.debug("placement group cleanup: %s", e)
+        return 0
+    n = 0
+    for pg in orphans:
+        try:
+            _remove(pg, "its Ray Train controller is gone")
+            n += 1
+        except Exception as e:  # one failure must not keep the others
+            log.debug("placement group %s: %s", pg, e)
     return n
-
-
-def release_placement_group(pg_id: str | None) -> None:
-    """Remove one group by id (the one a Train run reported) if still alive; never raises."""
-    if not pg_id:
-        return
-    try:
-        import ray
-
-        info = ray.util.placement_group_table().get(pg_id)
-        if info and info.get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
-            _remove(pg_id, "left by a finished Train run")
-    except Exception as e:
-        log.debug("placement group %s: %s", pg_id, e)
 
 
 @contextlib.contextmanager
@@ -104,7 +95,8 @@ def releasing_leaked_placement_groups() -> Iterator[None]:
     previous handler is restored so the controller can exit (and Ctrl+C works again).
     Use it where fits do not run concurrently on the same cluster (``nadray train``,
     the nightly job, the benchmark): groups created during the call that outlive it
-    are removed too. Tune trials, which overlap, use the orphan rule only.
+    are removed too. Tune trials, which overlap, use the orphan rule only
+    (``tune.ReleaseStoppedTrainRuns``).
     """
     import gc
 

@@ -74,24 +74,24 @@ class NightReport:
         for ref in (r.get("ingest") or {}).get("refused", []):
             reason = str(ref["reason"])
             lines.append(f"  refused: {reason if reason.startswith(ref['source']) else ref['source'] + ': ' + reason}")
-        if r.get("challenger_version") and self.status != "already done":
+        if r.get("challenger_version"):
             lines.append(f"  challenger {r['challenger_version']} (warm start: "
                          f"{(r.get('warm_start') or {}).get('used')})")
         dec = r.get("decision")
-        if dec and self.status != "already done":
+        if dec:
             lines.append(f"  decision: {'PROMOTED' if dec.get('promote') else 'not promoted'} ({dec.get('basis')})")
             lines += [f"    {x}" for x in dec.get("reasons", [])]
         if r.get("champion_after"):
             lines.append(f"  champion: {r['champion_after']}")
         drift = r.get("drift")
-        if drift and self.status != "already done":
+        if drift:
             ks = (drift.get("score_shift") or {}).get("ks")
             lines.append(f"  drift: {'FLAGGED' if drift.get('flagged') else 'not flagged'} (max PSI "
                          f"{drift.get('max_psi', float('nan')):.3f}, score KS {ks if ks is None else round(ks, 3)}, "
                          f"{drift.get('n_new_entities')} new entities)")
         if r.get("notify"):
             lines.append(f"  serve: {r['notify'].get('status')}")
-        for s in r.get("steps", []) if self.status != "already done" else []:
+        for s in r.get("steps", []):
             lines.append(f"  step {s['name']}: {s['seconds']:.1f} s {json.dumps(s.get('counts') or {}, default=str)}")
         if self.error:
             lines.append(f"  FAILED: {self.error}")

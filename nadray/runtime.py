@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 import os
 
-log = logging.getLogger("nadray")
-
 
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS, or start an embedded local Ray."""

@@ -58,8 +58,3 @@ MAX_TS_US = 4102444800 * 1_000_000  # 2100-01-01
 # Time order is always (ts, source, source_row): ties on ts are broken by the
 # record's place in its input, so every run orders records the same way.
 TIME_ORDER = ["ts", "source", "source_row"]
-
-
-def empty_flows() -> pa.Table:
-    """An empty table with the canonical flow schema."""
-    return FLOW_SCHEMA.empty_table()

@@ -8,9 +8,9 @@ into one block per actor task, and each block scored with
 ``Scorer.score_table``: exactly the scores the online endpoint would give on
 the same records replayed in time order.
 
-Grouping happens in the driver (vectorised; scipy's connected components) for
-inputs up to ``data.SMALL_INPUT_ROWS`` rows: on 2 cores a Ray shuffle costs
-8-19 s of fixed overhead (RAY.md) against about a second in-process.
+Grouping happens in the driver (vectorised; scipy's connected components),
+whatever the input size: on 2 cores a Ray shuffle costs 8-19 s of fixed
+overhead (RAY.md) against about a second in-process.
 
 Inputs of at most ``DRIVER_SCORE_ROWS`` flows skip Ray altogether: one ``Scorer``
 scores the whole table in the driver and pyarrow writes one Parquet file (local
@@ -121,7 +121,7 @@ def read_inputs(inputs: list[str], fmt: str) -> tuple[pa.Table, int, int]:
             r = read_input(path, fmt)
             tables.append(r.flows)
             read += int(r.read)
-            quarantined += int(r.quarantine.num_rows)
+            quarantined += r.quarantined  # records, not whole-file notes (as ingest counts)
     table = pa.concat_tables([t.cast(FLOW_SCHEMA) for t in tables]) if tables else FLOW_SCHEMA.empty_table()
     return sort_flows(table), read, quarantined
 

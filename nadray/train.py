@@ -238,7 +238,6 @@ def save_state(directory: str, model, optimizer, scheduler, state: dict[str, Any
 
 
 def load_state(directory: str, model, optimizer, scheduler) -> tuple[dict[str, Any], dict | None]:
-    import torch
     from safetensors.torch import load_file
 
     model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
@@ -256,7 +255,6 @@ def load_state(directory: str, model, optimizer, scheduler) -> tuple[dict[str, A
     scheduler.load_state_dict(sd)
     best_path = os.path.join(directory, "best.safetensors")
     best = load_file(best_path) if os.path.exists(best_path) else None
-    del torch
     return state, best
 
 
@@ -349,7 +347,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             v_lg.append(lg.numpy())
         val_loss = float(np.sum(v_losses) / max(1, len(val_idx)))
         metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
-                   "placement_group": _worker_placement_group(),
                    **_val_metrics(arrays, np.concatenate(v_sq) if v_sq else np.zeros((0, args.n_features)),
                                   np.concatenate(v_lg) if v_lg else np.zeros(0), objective, err_norm)}
         improved = val_loss < best_val - 1e-6
@@ -437,17 +434,6 @@ def build_trainer(data: TrainingData | dict[str, Any], cfg: Config, run_config_o
     )
 
 
-def _worker_placement_group() -> str:
-    """The id of the placement group this Train worker runs in ('' outside one).
-
-    Reported with each epoch's metrics so that whoever started the run can release
-    exactly this group if Ray Train leaves it behind (``nadray.placement``)."""
-    import ray
-
-    pg = ray.util.get_current_placement_group()
-    return pg.id.hex() if pg is not None else ""
-
-
 @dataclass
 class FitResult:
     model: Any
@@ -458,26 +444,28 @@ class FitResult:
 def fit(data: TrainingData, cfg: Config, storage_path: str | None = None, name: str | None = None,
         init_weights: dict[str, np.ndarray] | None = None) -> FitResult:
     """Run the trainer and return the best-validation model (``init_weights``: warm start)."""
-    import torch
+    over = {"storage_path": _storage_path(storage_path), "name": name}
+    with placement.releasing_leaked_placement_groups():
+        result = build_trainer(data, cfg, over, init_weights=init_weights).fit()
+    if result.checkpoint is None:
+        raise NadrayError(f"training run {name} produced no checkpoint (error: {getattr(result, 'error', None)})")
+    # The Checkpoint object itself, not its path: it carries the run's (s3) filesystem.
+    return _fitted_from(result.checkpoint, data, cfg)
+
+
+def _fitted_from(checkpoint: Any, data: TrainingData, cfg: Config) -> FitResult:
+    """The best-validation model and loss history in a ``ray.train.Checkpoint``."""
     from safetensors.torch import load_file
 
     from nadray.model import EventLSTM, ModelArgs
 
-    over = {"storage_path": _storage_path(storage_path), "name": name}
-    with placement.releasing_leaked_placement_groups():
-        result = build_trainer(data, cfg, over, init_weights=init_weights).fit()
-    placement.release_placement_group((result.metrics or {}).get("placement_group"))
-    if result.checkpoint is None:
-        raise NadrayError(f"training run {name} produced no checkpoint (error: {getattr(result, 'error', None)})")
-    args = ModelArgs.from_config(cfg, data.encoder.n_features)
-    model = EventLSTM(args)
-    with result.checkpoint.as_directory() as d:
+    model = EventLSTM(ModelArgs.from_config(cfg, data.encoder.n_features))
+    with checkpoint.as_directory() as d:
         path = os.path.join(d, "best.safetensors")
         model.load_state_dict(load_file(path if os.path.exists(path) else os.path.join(d, "model.safetensors")))
         with open(os.path.join(d, "state.json")) as f:
             history = json.load(f)["history"]
-    del torch
-    return FitResult(model.eval(), history, getattr(result.checkpoint, "path", None))
+    return FitResult(model.eval(), history, getattr(checkpoint, "path", None))
 
 
 def _storage_path(path: str | None) -> str | None:
@@ -588,17 +576,10 @@ def load_fitted(checkpoint_path: str, data: TrainingData, cfg: Config) -> FitRes
     For Ray Tune: the best trial's ``metrics["checkpoint_path"]``.
     """
     from ray.train import Checkpoint
-    from safetensors.torch import load_file
 
-    from nadray.model import EventLSTM, ModelArgs
-
-    model = EventLSTM(ModelArgs.from_config(cfg, data.encoder.n_features))
-    with Checkpoint(checkpoint_path).as_directory() as d:
-        path = os.path.join(d, "best.safetensors")
-        model.load_state_dict(load_file(path if os.path.exists(path) else os.path.join(d, "model.safetensors")))
-        with open(os.path.join(d, "state.json")) as f:
-            history = json.load(f)["history"]
-    return FitResult(model.eval(), history, checkpoint_path)
+    fitted = _fitted_from(Checkpoint(checkpoint_path), data, cfg)
+    fitted.checkpoint_path = checkpoint_path
+    return fitted
 
 
 def register_fitted(archive: str, registry: str, cfg: Config, data: TrainingData, fitted: FitResult,

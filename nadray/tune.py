@@ -316,18 +316,18 @@ def run_search(
     return results
 
 
-def _release_stopped_train_runs_cls():
+def _ReleaseStoppedTrainRuns():  # noqa: N802 (a factory: Tune's Callback base is imported lazily)
     from ray.tune import Callback
 
     class ReleaseStoppedTrainRuns(Callback):
-        """Give back the CPUs of Train runs whose trial has ended or was stopped.
+        """Give back the CPUs of Train runs whose trial was stopped.
 
         When ASHA stops a trial, Tune kills the trial actor and, with it, the Train
         controller, whose worker group then keeps its CPUs (``nadray.placement``):
-        the next trial would wait for ever on a small cluster. A trial's own group
-        is released when it ends (its Train run reports the group's id); any other
-        group whose controller has died (e.g. one recreated while the trial was
-        being stopped) is found from the GCS at most every few seconds.
+        the next trial would wait for ever on a small cluster. Groups whose
+        controller has died are found from the GCS at most every 2 seconds; a
+        group is never released while its controller lives (releasing it then
+        reads as a worker failure, and the controller builds a new one).
         """
 
         def __init__(self):
@@ -339,21 +339,7 @@ def _release_stopped_train_runs_cls():
                 self._next_sweep = now + 2.0
                 placement.release_orphaned_placement_groups()
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._release(trial)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._release(trial)
-
-        def _release(self, trial):
-            placement.release_placement_group((trial.last_result or {}).get("placement_group"))
-            placement.release_orphaned_placement_groups()
-
-    return ReleaseStoppedTrainRuns
-
-
-def _ReleaseStoppedTrainRuns():  # noqa: N802 (a factory: Tune's Callback base is imported lazily)
-    return _release_stopped_train_runs_cls()()
+    return ReleaseStoppedTrainRuns()
 
 
 def expected_trials(space: dict[str, Any], cfg: Config) -> int:
@@ -372,9 +358,9 @@ def _trials(results) -> list:
 # --------------------------------------------------------------------------- results
 
 
-def results_frame(results, params: list[Param], metric: str):
+def results_frame(results, params: list[Param]):
     """One row per trial: id, status, hyperparameters, last validation metrics,
-    epochs run (training_iteration), wall time, the metric's best value, error."""
+    epochs run (training_iteration), wall time, error."""
     import pandas as pd
 
     rows = []
@@ -488,9 +474,9 @@ def _train_trial(config: dict[str, Any], shared: dict[str, Any] | None = None) -
         "callbacks": [TuneReportCallback()],  # Ray: each epoch's report becomes a Tune result
     })
     # Not the snapshot-based cleanup of train.fit: the next trial may start at any
-    # moment. The run reports its own group's id; release exactly that one.
-    result = trainer.fit()
-    placement.release_placement_group((result.metrics or {}).get("placement_group"))
+    # moment. A run that ends normally removes its own group; the group of a stopped
+    # one is released by the search's ReleaseStoppedTrainRuns callback.
+    trainer.fit()
 
 
 def _objective_indices(data: Any, objectives: list[str]) -> dict[str, tuple[np.ndarray, float]]:
@@ -610,7 +596,7 @@ def tune(archive: str, registry: str, cfg: Config, name: str | None = None,
         storage_path=storage_path, name=name, metric=metric, mode=mode, max_concurrent=concurrent,
         callbacks=callbacks,
     )
-    df = results_frame(results, params, metric)
+    df = results_frame(results, params)
 
     # 4. The best trial, registered like `nadray train` registers a run.
     ok = df[(df["status"] == "TERMINATED") & df[metric].notna() & df["checkpoint_path"].notna()]

@@ -173,7 +173,7 @@ def _search(tmp_path, space, search, cfg_over=(), callbacks=None):
 @pytest.mark.slow
 def test_grid_search_runs_every_combination(ray_session, tmp_path):
     params, results = _search(tmp_path, {"model.hidden_size": [8, 16], "model.num_layers": [1]}, "grid")
-    df = nt.results_frame(results, params, "val_pr_auc")
+    df = nt.results_frame(results, params)
     assert sorted(df["model.hidden_size"]) == [8, 16]
     assert (df["status"] == "TERMINATED").all() and (df["training_iteration"] == 2).all()
 
@@ -203,7 +203,7 @@ def test_random_search_resumes_after_interrupt(ray_session, tmp_path):
     second = InterruptAfterFirst.__new__(InterruptAfterFirst)  # records, never interrupts
     second.done = [None]
     params, results = _search(tmp_path, space, "random", ["tune.num_samples=4"], callbacks=[second])
-    df = nt.results_frame(results, params, "val_pr_auc")
+    df = nt.results_frame(results, params)
     assert len(df) == 4 and (df["status"] == "TERMINATED").all()
     rerun = [tid for tid, _ in second.done[1:]]
     assert done_id not in rerun, "the trial finished before the interrupt ran again"

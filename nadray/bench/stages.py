@@ -138,15 +138,6 @@ def isolation_forest_s(x: np.ndarray, threads: int) -> float:
         return time.perf_counter() - t0
 
 
-def _score_fn():
-    try:
-        from nadray.score import score
-
-        return score, "nadray.score.score"
-    except ImportError:
-        return None, "nadray.score missing: Scorer.score_table in process"
-
-
 @_stage
 def bench_batch(ref: str, raw: pa.Table, sizes: list[int], tmp: str, threads: int) -> dict[str, Any]:
     """``threads``: torch threads of a 1-CPU Ray worker (what a Ray Data scoring actor runs with).
@@ -167,14 +158,10 @@ def bench_batch(ref: str, raw: pa.Table, sizes: list[int], tmp: str, threads: in
 
 def _bench_batch(ref: str, raw: pa.Table, sizes: list[int], tmp: str, threads: int) -> dict[str, Any]:
     from nadray.ingest import read_input
+    from nadray.score import runs_in_driver, score
     from nadray.scorer import SCORE_BATCH, Scorer
 
-    try:
-        from nadray.score import runs_in_driver
-    except ImportError:
-        runs_in_driver = lambda n: True  # noqa: E731
     scorer = Scorer.from_ref(ref)
-    score, path_kind = _score_fn()
     rows = []
     for n in sizes:
         path = write_zeek_csv(raw, n, os.path.join(tmp, f"score-{n}.csv"))
@@ -185,13 +172,10 @@ def _bench_batch(ref: str, raw: pa.Table, sizes: list[int], tmp: str, threads: i
         # Bare torch with the thread count nadray's scoring runs with, before and after it.
         t_torch = [torch_forward_s(scorer.model, n_win, n_threads, SCORE_BATCH)]
         out = os.path.join(tmp, f"scores-{n}")
-        if score is not None:
-            t_nad, rep = timed(score, ref, [path], out, "zeek")
-            where = getattr(rep, "path", "") or where
-            if getattr(rep, "rows_scored", n) != n:
-                raise RuntimeError(f"nadray scored {rep.rows_scored} of {n} flows")
-        else:
-            t_nad, _ = timed(lambda: scorer.score_table(read_input(path, "zeek").flows))
+        t_nad, rep = timed(score, ref, [path], out, "zeek")
+        where = rep.path or where
+        if rep.rows_scored != n:
+            raise RuntimeError(f"nadray scored {rep.rows_scored} of {n} flows")
         t_torch.append(torch_forward_s(scorer.model, n_win, n_threads, SCORE_BATCH))
         # IsolationForest with the same threads: the same flows' encoded features.
         t_if = isolation_forest_s(np.ascontiguousarray(events.x[:n]), n_threads)
@@ -204,7 +188,7 @@ def _bench_batch(ref: str, raw: pa.Table, sizes: list[int], tmp: str, threads: i
         gc.collect()
     big = rows[-1]
     # The floors hold at every size: the headline ratios are the worst size's, not the largest's.
-    return {"path": path_kind, "torch_threads": threads, "sizes": rows, "batch_score_flows_per_s": big["flows_per_s"],
+    return {"path": "nadray.score.score", "torch_threads": threads, "sizes": rows, "batch_score_flows_per_s": big["flows_per_s"],
             "batch_score_vs_torch": min(r["vs_torch"] for r in rows),
             "batch_score_vs_isolation_forest": min(r["vs_isolation_forest"] for r in rows),
             "batch_score_vs_torch_largest": big["vs_torch"],

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from nadray.errors import InputError
-from nadray.ingest.common import ReadResult, Validator, assemble, decode_raw, map_labels, split_lines, split_records
+from nadray.ingest.common import ReadResult, Validator, assemble, decode_raw, map_labels, nonblank_lines, split_records
 
 FORMAT = "argus"
 REQUIRED = ["StartTime", "Proto", "SrcAddr", "DstAddr"]
@@ -37,18 +37,15 @@ def _fast_time(arr: pa.Array) -> pa.Array:
 
 
 def read(data: bytes, source: str) -> ReadResult:
-    lines = split_lines(data)
-    idx = [i for i, ln in enumerate(lines) if ln.strip()]
-    if not idx:
-        raise InputError(f"{source}: empty file")
-    head = decode_raw(lines[idx[0]]).strip()
+    lines = nonblank_lines(data, source)
+    head = decode_raw(lines[0]).strip()
     sep = "\t" if head.count("\t") > head.count(",") else ","
     columns = [c.strip() for c in head.split(sep)]
     lower = {c.lower(): c for c in columns}
     missing = [c for c in REQUIRED if c.lower() not in lower]
     if missing:
         raise InputError(f"{source}: not an Argus binetflow: missing column(s) {', '.join(missing)}")
-    recs = split_records([lines[i] for i in idx[1:]], columns, sep.encode(), "Argus")
+    recs = split_records(lines[1:], columns, sep.encode(), "Argus")
     t = recs.table
     v = Validator(t.num_rows)
 

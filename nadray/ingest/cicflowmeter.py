@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from nadray.errors import InputError
 from nadray.ingest.common import (
-    ReadResult, Validator, assemble, decode_raw, map_labels, proto_name, split_lines, split_records, unique_names,
+    ReadResult, Validator, assemble, decode_raw, map_labels, nonblank_lines, proto_name, split_records, unique_names,
 )
 
 FORMAT = "cicflowmeter"
@@ -42,17 +42,14 @@ def cic_label(text: str | None) -> int | None:
 
 
 def read(data: bytes, source: str) -> ReadResult:
-    lines = split_lines(data)
-    idx = [i for i, ln in enumerate(lines) if ln.strip()]
-    if not idx:
-        raise InputError(f"{source}: empty file")
-    columns = unique_names([c.strip() for c in decode_raw(lines[idx[0]]).split(",")])
+    lines = nonblank_lines(data, source)
+    columns = unique_names([c.strip() for c in decode_raw(lines[0]).split(",")])
     missing = [c for c in NEEDED if c not in columns]
     if missing:
         hint = (" (this looks like the MachineLearningCSV version, which has no addresses or times; "
                 "use the GeneratedLabelledFlows CSVs)") if "Source IP" in missing or "Timestamp" in missing else ""
         raise InputError(f"{source}: CICFlowMeter CSV lacks column(s) {', '.join(missing)}{hint}")
-    recs = split_records([lines[i] for i in idx[1:]], columns, b",", "CICFlowMeter", legacy_encoding="cp1252")
+    recs = split_records(lines[1:], columns, b",", "CICFlowMeter", legacy_encoding="cp1252")
     t = recs.table
     v = Validator(t.num_rows)
 

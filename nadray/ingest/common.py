@@ -98,6 +98,15 @@ def split_lines(data: bytes) -> list[bytes]:
     return lines
 
 
+def nonblank_lines(data: bytes, source: str) -> list[bytes]:
+    """The non-blank lines of a delimited text file (BOM and CRLF handled); the
+    first is its header. InputError naming ``source`` when there are none."""
+    lines = [ln for ln in split_lines(data) if ln.strip()]
+    if not lines:
+        raise InputError(f"{source}: empty file")
+    return lines
+
+
 def split_records(
     lines: Sequence[bytes],
     columns: list[str],
@@ -537,10 +546,6 @@ def quarantine_table(source: str, bad: list[tuple[int | None, str | None, str]])
         },
         schema=QUARANTINE_SCHEMA,
     )
-
-
-def empty_result(source: str, fmt: str) -> ReadResult:
-    return ReadResult(FLOW_SCHEMA.empty_table(), quarantine_table(source, []), 0, fmt)
 
 
 class _Lines(Sequence):

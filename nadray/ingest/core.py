@@ -7,7 +7,6 @@ import hashlib
 import logging
 import os
 import posixpath
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -78,9 +77,13 @@ def decompress(data: bytes, source: str) -> bytes:
         raise InputError(f"{source}: broken gzip data: {e}") from None
 
 
+def _blank(data: bytes) -> bool:
+    return not data or data.isspace()  # without copying the file, as strip() would
+
+
 def parse_bytes(data: bytes, source: str, fmt: str = "auto", local_path: str | None = None) -> ReadResult:
     """Parse decompressed content; ``local_path`` lets pcap read the file in place."""
-    if not data.strip():
+    if _blank(data):
         raise InputError(f"{source}: empty file")
     if fmt == "auto":
         found = _detect.detect(data[:_HEAD])
@@ -111,8 +114,12 @@ def read_input(path: str, fmt: str = "auto") -> ReadResult:
     """
     raw = load_bytes(path)
     data = decompress(raw, path)
-    local = path if (not storage.is_s3(path) and data is raw) else None
-    return parse_bytes(data, path, fmt, local_path=local)
+    return parse_bytes(data, path, fmt, local_path=_in_place(path, raw, data))
+
+
+def _in_place(uri: str, raw: bytes, data: bytes) -> str | None:
+    """``uri`` when its bytes on local disk are ``data`` (pcap reads such a file in place)."""
+    return uri if (not storage.is_s3(uri) and data is raw) else None
 
 
 # ----------------------------------------------------------------------------- report
@@ -216,23 +223,13 @@ def _ingest_one(uri: str, from_folder: bool, archive: str, fmt: str, quarantine:
         return FileReport(uri, "already ingested", read=n, skipped=n)
     data = decompress(raw, uri)
     if fmt == "auto" and from_folder:
-        found = _detect.detect(data[:_HEAD]) if data.strip() else None
+        found = None if _blank(data) else _detect.detect(data[:_HEAD])
         if found == _detect.NOT_FLOW_LOG:
             return FileReport(uri, "skipped: not a flow log")
         if found is None:
             return FileReport(uri, "skipped: unrecognised format")
-    tmp = None
-    local = uri if (not storage.is_s3(uri) and data is raw) else None
-    try:
-        if local is None and data[:4] in _detect.PCAP_MAGIC | {_detect.PCAPNG_MAGIC}:
-            fd, tmp = tempfile.mkstemp(suffix=".pcap", prefix="nadray-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            local = tmp
-        res = parse_bytes(data, uri, fmt, local_path=local)
-    finally:
-        if tmp:
-            os.remove(tmp)
+        fmt = found
+    res = parse_bytes(data, uri, fmt, local_path=_in_place(uri, raw, data))
     # Parts stay hidden from readers until the manifest entry commits them (archive.uncommitted_keys).
     arc.mark_pending(archive, sha, {"sha256": sha, "source": uri,
                                     "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

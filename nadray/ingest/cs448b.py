@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from nadray.errors import InputError
-from nadray.ingest.common import ReadResult, Validator, assemble, decode_raw, split_lines, split_records
+from nadray.ingest.common import ReadResult, Validator, assemble, decode_raw, nonblank_lines, split_records
 
 FORMAT = "cs448b"
 HEADERS = {
@@ -41,17 +41,13 @@ def _iso_day(arr: pa.Array) -> pa.Array:
 
 
 def read(data: bytes, source: str) -> ReadResult:
-    lines = split_lines(data)
-    idx = [i for i, ln in enumerate(lines) if ln.strip()]
-    if not idx:
-        raise InputError(f"{source}: empty file")
-    header = [c.strip() for c in decode_raw(lines[idx[0]]).split(",")]
+    lines = nonblank_lines(data, source)
+    header = [c.strip() for c in decode_raw(lines[0]).split(",")]
     if header_kind(header) is None:
         raise InputError(f"{source}: not a cs448b ipasn file: header {','.join(header)!r}, "
                          "expected date,l_ipn,r_asn,f (or date,l_ipn,Bytes,Time or date,l_ipn,r_asn,f,suspicious)")
     canon = ["date", "l_ipn", "r_asn", "f", "suspicious"][: len(header)]
-    data_lines = [lines[i] for i in idx[1:]]
-    recs = split_records(data_lines, canon, b",", "cs448b")
+    recs = split_records(lines[1:], canon, b",", "cs448b")
     t = recs.table
     v = Validator(t.num_rows)
     date = t.column("date").combine_chunks()

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from nadray.errors import InputError
-from nadray.ingest.common import ReadResult, Validator, assemble, decode_raw, split_lines, split_records
+from nadray.ingest.common import ReadResult, Validator, assemble, decode_raw, nonblank_lines, split_records
 
 FORMAT = "unsw-nb15"
 COLUMNS = ("srcip,sport,dstip,dsport,proto,state,dur,sbytes,dbytes,sttl,dttl,sloss,dloss,service,Sload,Dload,"
@@ -36,22 +36,19 @@ _LOWER = [c.lower() for c in COLUMNS]
 
 
 def read(data: bytes, source: str) -> ReadResult:
-    lines = split_lines(data)
-    idx = [i for i, ln in enumerate(lines) if ln.strip()]
-    if not idx:
-        raise InputError(f"{source}: empty file")
-    first = [c.strip().lower() for c in decode_raw(lines[idx[0]]).split(",")]
+    lines = nonblank_lines(data, source)
+    first = [c.strip().lower() for c in decode_raw(lines[0]).split(",")]
     if "srcip" in first:
         if first != _LOWER:
             extra = sorted(set(first) - set(_LOWER))
             missing = [c for c in COLUMNS if c.lower() not in first]
             raise InputError(f"{source}: not a raw UNSW-NB15 CSV: header differs from the 49 documented columns "
                              f"(missing {', '.join(missing) or '-'}; unknown {', '.join(extra) or '-'})")
-        idx = idx[1:]
+        lines = lines[1:]
     elif len(first) != len(COLUMNS):
         raise InputError(f"{source}: not a raw UNSW-NB15 CSV: expected 49 comma-separated fields, "
                          f"got {len(first)} in the first line")
-    recs = split_records([lines[i] for i in idx], COLUMNS, b",", "UNSW-NB15")
+    recs = split_records(lines, COLUMNS, b",", "UNSW-NB15")
     t = recs.table
     v = Validator(t.num_rows)
 

@@ -55,10 +55,6 @@ def is_conn_columns(cols) -> bool:
     return all(c in cols for c in REQUIRED) and bool(cols & CONN_HINTS)
 
 
-def _is_blank(ln: bytes) -> bool:
-    return not ln.strip()
-
-
 def read(data: bytes, source: str) -> ReadResult:
     """Parse a Zeek conn log (any of the three shapes) into canonical flows + quarantine."""
     fast = _read_tsv_fast(data, source)

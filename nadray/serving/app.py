@@ -77,13 +77,11 @@ def _set_torch_threads(n: int) -> None:
         pass
 
 
-def _record(m: dict, core: ShardCore, tables: list[pa.Table], answers: list[dict]) -> None:
+def _record(m: dict, core: ShardCore, tables: list[pa.Table]) -> None:
     """Metrics after one scored batch (a shard, or the ingress in single-shard mode)."""
-    n = sum(t.num_rows for t in tables)
-    flagged = sum(int((a["score"] >= a["threshold"]).sum()) for a in answers)
-    m["flows"].inc(n)
-    if flagged:
-        m["anomalies"].inc(flagged)
+    m["flows"].inc(sum(t.num_rows for t in tables))
+    if core.new_anomalies:
+        m["anomalies"].inc(core.new_anomalies)
     if core.new_evictions:
         m["evictions"].inc(core.new_evictions)
     m["entities"].set(len(core.context))
@@ -117,7 +115,7 @@ def _build_deployments():
         @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
         async def _score_batch(self, tables: list[pa.Table]) -> list[dict]:
             answers = await self.core.score_many(tables)
-            _record(self.m, self.core, tables, answers)
+            _record(self.m, self.core, tables)
             return answers
 
         async def info(self) -> dict:
@@ -178,7 +176,7 @@ def _build_deployments():
         @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
         async def _score_local(self, tables: list[pa.Table]) -> list[dict]:
             answers = await self.core.score_many(tables)
-            _record(self.m, self.core, tables, answers)
+            _record(self.m, self.core, tables)
             return answers
 
         # -- backend protocol (nadray.serving.api.Backend) -------------------------

@@ -89,9 +89,7 @@ class ShardCore:
         self.pending: dict[str, Any] = {}
         self.filter = EntityFilter(shard, num_shards) if num_shards > 1 else None
         self._install(scorer)
-        self.flows_scored = 0
-        self.anomalies = 0
-        self.started = time.time()
+        self.new_anomalies = self.new_evictions = 0  # what the last batch added (_count)
 
     # -- model state ----------------------------------------------------------------
     def _install(self, scorer: Any) -> None:
@@ -126,18 +124,10 @@ class ShardCore:
 
     # -- scoring ----------------------------------------------------------------------
     def _score_sync(self, flows: pa.Table) -> dict:
-        arrays = getattr(self.scorer, "score_online_arrays", None)
-        if arrays is not None:  # no output DataFrame: the ingress needs entity and score only
-            score, entity = arrays(flows, self.context, entity_filter=self.filter)
-            if len(score) != flows.num_rows:
-                raise RuntimeError(f"scorer returned {len(score)} rows for {flows.num_rows} flows")
-            return {"entity": [None if e is None or e != e else e for e in entity.tolist()],
-                    "score": np.asarray(score, dtype="float64")}
-        out = self.scorer.score_online(flows, self.context, entity_filter=self.filter)
-        if len(out) != flows.num_rows:
-            raise RuntimeError(f"scorer returned {len(out)} rows for {flows.num_rows} flows")
-        return {"entity": out["entity"].astype(object).where(out["entity"].notna(), None).tolist(),
-                "score": out["score"].to_numpy(dtype="float64")}
+        # Arrays, not score_online's output DataFrame: the ingress needs entity and score only.
+        score, entity = self.scorer.score_online_arrays(flows, self.context, entity_filter=self.filter)
+        return {"entity": [None if e is None or e != e else e for e in entity.tolist()],
+                "score": np.asarray(score, dtype="float64")}
 
     async def score_many(self, tables: list[pa.Table]) -> list[dict]:
         """Score the callers' tables as one batch, in order; one answer per table."""
@@ -159,8 +149,8 @@ class ShardCore:
         return answers
 
     def _count(self, scores: np.ndarray, threshold: float) -> None:
-        self.flows_scored += len(scores)
-        self.anomalies += int((scores >= threshold).sum())
+        """What the batch just scored adds to the metrics (read by ``app._record``)."""
+        self.new_anomalies = int((scores >= threshold).sum())
         ev = int(getattr(self.context, "evictions", 0))
         self.new_evictions, self.evictions_seen = ev - self.evictions_seen, ev
 
