@@ -245,28 +245,43 @@ def group_starts(entity: np.ndarray) -> np.ndarray:
     return starts[np.cumsum(new) - 1].astype("int64")
 
 
+def _previous_same(codes: np.ndarray, gstart: np.ndarray) -> np.ndarray:
+    """Per row: the previous row of the same entity with the same code, or -1 (also for codes < 0)."""
+    n = len(codes)
+    prev = np.full(n, -1, dtype="int64")
+    if n < 2:
+        return prev
+    order = np.lexsort((np.arange(n), codes, gstart))
+    g, c = gstart[order], codes[order]
+    same = (g[1:] == g[:-1]) & (c[1:] == c[:-1]) & (c[1:] >= 0)
+    prev[order[1:][same]] = order[:-1][same]
+    return prev
+
+
 def _distinct_in_window(codes: np.ndarray, gstart: np.ndarray, window: int,
                         rows_of_interest: np.ndarray | None = None) -> np.ndarray:
     """Distinct non-negative codes among rows [max(gstart, i-window+1), i], per row i.
 
     ``rows_of_interest``: compute only for these rows (the result is aligned with them);
     each value is the same as for the whole array.
+
+    A row j in row i's window adds a new code exactly when the code's previous
+    occurrence in the entity (``_previous_same``) lies before the window, so the
+    count is (valid codes in the window) - (rows whose previous occurrence is
+    inside it): ``window`` vectorised passes, no per-row sort.
     """
+    codes = np.asarray(codes, dtype="int64")
     todo = np.arange(len(codes)) if rows_of_interest is None else np.asarray(rows_of_interest, dtype="int64")
-    n = len(todo)
-    out = np.zeros(n, dtype="float64")
-    chunk = max(1, 4_000_000 // window)
-    offs = np.arange(-window + 1, 1)
-    for lo in range(0, n, chunk):
-        sel = slice(lo, min(n, lo + chunk))
-        rows = todo[sel]
-        j = rows[:, None] + offs[None, :]
-        valid = j >= gstart[rows][:, None]
-        m = np.where(valid, codes[np.clip(j, 0, None)], -1)
-        s = np.sort(m, axis=1)
-        changes = (s[:, 1:] != s[:, :-1]).sum(axis=1) + 1
-        out[sel] = changes - (s[:, 0] < 0)
-    return out
+    if len(todo) == 0:
+        return np.zeros(0, dtype="float64")
+    prev = _previous_same(codes, gstart)
+    lo = np.maximum(gstart[todo], todo - window + 1)
+    valid = np.concatenate([[0], np.cumsum(codes >= 0)])
+    repeats = np.zeros(len(todo), dtype="int64")
+    for k in range(int((todo - lo).max()) + 1):
+        j = todo - k
+        repeats += (j >= lo) & (prev[np.maximum(j, 0)] >= lo)
+    return (valid[todo + 1] - valid[lo] - repeats).astype("float64")
 
 
 def _previous_mean(v: np.ndarray, gstart: np.ndarray, window: int) -> np.ndarray:

@@ -8,11 +8,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from _iot23 import read_captures
 from nadray.config import Config, load_config
 from nadray.errors import NadrayError
-from nadray.features import FeatureEncoder, explode, local_sides, make_windows
+from nadray.features import FeatureEncoder, _distinct_in_window, explode, group_starts, local_sides, make_windows
 from nadray.schema import FLOW_SCHEMA
 
 
@@ -120,3 +122,18 @@ def test_windows_left_padded_with_mask():
 def test_empty_training_split_is_an_error():
     with pytest.raises(NadrayError, match="training split"):
         FeatureEncoder.fit(pa.Table.from_pylist([], schema=FLOW_SCHEMA), Config())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-1, 5), min_size=1, max_size=60), st.lists(st.integers(0, 3), min_size=1, max_size=60),
+       st.integers(1, 9), st.data())
+def test_distinct_in_window_matches_brute_force(codes, group_sizes, window, data):
+    """The vectorised count equals counting distinct non-negative codes in each row's own window."""
+    codes = np.array(codes, dtype="int64")
+    ent = np.repeat(np.arange(len(group_sizes)), group_sizes)[: len(codes)]
+    ent = np.concatenate([ent, np.full(len(codes) - len(ent), len(group_sizes))])
+    gs = group_starts(ent)
+    want = np.array([len({c for c in codes[max(gs[i], i - window + 1): i + 1] if c >= 0}) for i in range(len(codes))])
+    assert np.array_equal(_distinct_in_window(codes, gs, window), want)
+    rows = np.array(sorted(data.draw(st.sets(st.integers(0, len(codes) - 1)))), dtype="int64")
+    assert np.array_equal(_distinct_in_window(codes, gs, window, rows), want[rows])
