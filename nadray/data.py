@@ -114,7 +114,8 @@ def load_flows(archive: str, cfg: Config, start: Any = None, end: Any = None) ->
 
 def _total_bytes(paths: list[str]) -> int:
     fs, _ = storage.get_fs(paths[0])
-    return int(sum(fs.size(storage.get_fs(p)[1]) for p in paths))
+    with storage.unreachable_as_error(paths[0], "read"):
+        return int(sum(fs.size(storage.get_fs(p)[1]) for p in paths))
 
 
 @dataclass

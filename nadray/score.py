@@ -91,13 +91,14 @@ def _expand(inputs: list[str]) -> list[str]:
     out = []
     for p in inputs:
         fs, path = storage.get_fs(p)
-        if fs.isdir(path):
-            names = [n for n in storage.ls(p) if not n.startswith((".", "_"))]
-            out.extend(storage.join(p, n) for n in names if not fs.isdir(storage.get_fs(storage.join(p, n))[1]))
-        elif fs.exists(path):
-            out.append(p)
-        else:
-            raise InputError(f"input {p}: not found")
+        with storage.unreachable_as_error(p, "list"):
+            if fs.isdir(path):
+                names = [n for n in storage.ls(p) if not n.startswith((".", "_"))]
+                out.extend(storage.join(p, n) for n in names if not fs.isdir(storage.get_fs(storage.join(p, n))[1]))
+            elif fs.exists(path):
+                out.append(p)
+            else:
+                raise InputError(f"input {p}: not found")
     return out
 
 

@@ -60,7 +60,7 @@ def arrow_fs(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 @contextlib.contextmanager
-def _unreachable_as_error(uri: str, op: str) -> Iterator[None]:
+def unreachable_as_error(uri: str, op: str) -> Iterator[None]:
     """Raise StorageError (one line, naming ``uri``) for an S3 endpoint that cannot be reached.
 
     s3fs turns S3's own answers (404, 403...) into OSErrors but lets botocore's
@@ -95,7 +95,7 @@ def join(uri: str, *parts: str) -> str:
 
 def exists(uri: str) -> bool:
     fs, path = get_fs(uri)
-    with _unreachable_as_error(uri, "check"):
+    with unreachable_as_error(uri, "check"):
         return fs.exists(path)
 
 
@@ -108,7 +108,7 @@ def makedirs(uri: str) -> None:
 def ls(uri: str) -> list[str]:
     """Names (not paths) directly under ``uri``; empty when it does not exist."""
     fs, path = get_fs(uri)
-    with _unreachable_as_error(uri, "list"):
+    with unreachable_as_error(uri, "list"):
         if not fs.exists(path):
             return []
         return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
@@ -116,7 +116,7 @@ def ls(uri: str) -> list[str]:
 
 def read_bytes(uri: str) -> bytes:
     fs, path = get_fs(uri)
-    with _unreachable_as_error(uri, "read"), fs.open(path, "rb") as f:
+    with unreachable_as_error(uri, "read"), fs.open(path, "rb") as f:
         return f.read()
 
 
@@ -128,7 +128,7 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     """
     fs, path = get_fs(uri)
     if is_s3(uri):
-        with _unreachable_as_error(uri, "write"), fs.open(path, "wb") as f:
+        with unreachable_as_error(uri, "write"), fs.open(path, "wb") as f:
             f.write(data)
         return
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -154,7 +154,7 @@ def write_json_atomic(uri: str, obj: Any) -> None:
 
 def rm(uri: str, recursive: bool = False) -> None:
     fs, path = get_fs(uri)
-    with _unreachable_as_error(uri, "remove"):
+    with unreachable_as_error(uri, "remove"):
         if fs.exists(path):
             fs.rm(path, recursive=recursive)
 

@@ -246,3 +246,49 @@ def test_s3_outage_mid_register_keeps_champion_and_rerun_completes(s3, shared_da
     registry.promote(reg, v2, "rerun")
     s = Scorer.from_ref(reg)
     assert s.version == v2 and np.isfinite(s.threshold.value)
+
+
+@pytest.fixture
+def s3_down(monkeypatch):
+    """AWS_* pointing at a loopback port where no S3 server listens (a server that is down)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "nadray-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "nadray-test-secret")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+
+
+def test_unreachable_inputs_are_one_line_errors_naming_them(s3_down, tmp_path, capsys):
+    """Inputs and landing on storage that is down: one line naming the URI, never botocore's traceback."""
+    from nadray.cli import main as cli_main
+    from nadray.errors import InputError, StorageError
+    from nadray.nightly import staging
+    from nadray.retrain import retrain
+    from nadray.score import _expand
+
+    src = "s3://nadray-down/in/conn.log.labeled"
+    rc = cli_main(["ingest", src, "--archive", str(tmp_path / "archive")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("nadray ingest: error:")]
+    assert len(lines) == 1 and src in lines[0] and "unreachable" in lines[0], err
+    assert lines[0].count(src) == 1, lines[0]
+
+    with pytest.raises(NadrayError, match="unreachable") as exc:
+        _expand([src])
+    assert src in str(exc.value) and "\n" not in str(exc.value)
+    with pytest.raises(StorageError, match="unreachable"):
+        staging.list_landing("s3://nadray-down/landing")
+    from nadray.ingest.core import load_bytes
+
+    with pytest.raises(InputError, match="unreachable"):
+        load_bytes(src)
+
+    night = retrain("s3://nadray-down/landing", str(tmp_path / "archive"), str(tmp_path / "registry"),
+                    date="2026-11-26")
+    assert night.status == "failed" and "unreachable" in night.error and "\n" not in night.error, night.error
+    assert not (tmp_path / "registry" / "champion.json").exists()

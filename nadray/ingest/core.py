@@ -56,13 +56,16 @@ def load_bytes(uri: str) -> bytes:
     """The raw bytes of a local file or S3 object; a one-line InputError when unreadable."""
     try:
         fs, path = storage.get_fs(uri)
-        if not fs.exists(path):
-            raise InputError(f"{uri}: no such file or object")
-        if fs.isdir(path):
-            raise InputError(f"{uri}: is a folder, expected a file")
+        with storage.unreachable_as_error(uri, "read"):
+            if not fs.exists(path):
+                raise InputError(f"{uri}: no such file or object")
+            if fs.isdir(path):
+                raise InputError(f"{uri}: is a folder, expected a file")
         return storage.read_bytes(uri)
     except InputError:
         raise
+    except StorageError as e:  # already one line naming the URI
+        raise InputError(str(e)) from None
     except (OSError, ValueError) as e:
         raise InputError(f"{uri}: cannot read: {type(e).__name__}: {e}") from None
 
@@ -184,24 +187,27 @@ class IngestReport:
 def _expand(inp: str, archive: str) -> tuple[list[tuple[str, bool]], str | None]:
     """Files named by one input: [(uri, from_folder)], or an error message."""
     try:
-        fs, path = storage.get_fs(inp)
-        if not fs.exists(path):
-            return [], f"{inp}: no such file or folder"
-        if not fs.isdir(path):
-            return [(inp, False)], None
-        _, arch_path = storage.get_fs(archive)
-        found = []
-        for p in sorted(fs.find(path)):
-            rel = posixpath.relpath(p, path) if storage.is_s3(inp) else os.path.relpath(p, path)
-            parts = rel.replace(os.sep, "/").split("/")
-            if any(x.startswith((".", "_")) for x in parts):
-                continue  # hidden files and archive internals
-            if p == arch_path or p.startswith(arch_path.rstrip("/") + "/"):
-                continue  # never ingest the archive into itself
-            found.append((storage.join(inp, *parts), True))
-        if not found:
-            return [], f"{inp}: folder holds no files"
-        return found, None
+        with storage.unreachable_as_error(inp, "list"):
+            fs, path = storage.get_fs(inp)
+            if not fs.exists(path):
+                return [], f"{inp}: no such file or folder"
+            if not fs.isdir(path):
+                return [(inp, False)], None
+            _, arch_path = storage.get_fs(archive)
+            found = []
+            for p in sorted(fs.find(path)):
+                rel = posixpath.relpath(p, path) if storage.is_s3(inp) else os.path.relpath(p, path)
+                parts = rel.replace(os.sep, "/").split("/")
+                if any(x.startswith((".", "_")) for x in parts):
+                    continue  # hidden files and archive internals
+                if p == arch_path or p.startswith(arch_path.rstrip("/") + "/"):
+                    continue  # never ingest the archive into itself
+                found.append((storage.join(inp, *parts), True))
+            if not found:
+                return [], f"{inp}: folder holds no files"
+            return found, None
+    except StorageError as e:  # already one line naming the URI
+        return [], str(e)
     except (OSError, ValueError) as e:
         return [], f"{inp}: cannot list: {type(e).__name__}: {e}"
 

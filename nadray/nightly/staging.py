@@ -64,7 +64,7 @@ def _sha256(uri: str) -> tuple[str, int]:
     fs, path = storage.get_fs(uri)
     h = hashlib.sha256()
     n = 0
-    with fs.open(path, "rb") as f:
+    with storage.unreachable_as_error(uri, "read"), fs.open(path, "rb") as f:
         while True:
             chunk = f.read(1 << 20)
             if not chunk:
@@ -77,12 +77,14 @@ def _sha256(uri: str) -> tuple[str, int]:
 def list_landing(landing: str) -> list[str]:
     """Files under ``landing`` (recursive), hidden and ``_``-prefixed names left out, sorted."""
     fs, path = storage.get_fs(landing)
-    if not fs.exists(path):
-        raise NadrayError(f"landing {landing}: no such folder or prefix")
-    if not fs.isdir(path):
-        return [str(landing)]
+    with storage.unreachable_as_error(landing, "list"):
+        if not fs.exists(path):
+            raise NadrayError(f"landing {landing}: no such folder or prefix")
+        if not fs.isdir(path):
+            return [str(landing)]
+        found = sorted(fs.find(path))
     out = []
-    for p in sorted(fs.find(path)):
+    for p in found:
         rel = posixpath.relpath(p, path) if storage.is_s3(landing) else os.path.relpath(p, path)
         parts = rel.replace(os.sep, "/").split("/")
         if any(x.startswith((".", "_")) for x in parts):
