@@ -150,6 +150,13 @@ def _build_deployments():
             self.digest = api.effective_digest(self.args.api_token_sha256)
             self.info_: dict | None = None
             self.reload_lock = asyncio.Lock()
+            # Multi-shard swaps: requests pass the gate, and the swap closes it and waits
+            # for the requests already past it, so no answer mixes two models.
+            self.gate = asyncio.Event()
+            self.gate.set()
+            self.in_flight = 0
+            self.drained = asyncio.Condition()
+            self.resync: asyncio.Task | None = None
             self.core: ShardCore | None = None
             if not shards:  # single-shard mode
                 _set_torch_threads(int(self.args.replica_cpus))
@@ -194,24 +201,41 @@ def _build_deployments():
             info = await self._info()
             if n == 0:
                 return {"model_version": info["version"], "threshold": info["threshold"], "results": []}
-            k = len(self.shards)
-            p = routing.plan(flows, k, info["local_networks"])
-            parts = p.take(flows)
+            await self.gate.wait()
+            self.in_flight += 1
             try:
-                calls = [self.shards[i].score.remote(t) if t is not None else None for i, t in enumerate(parts)]
-                answers = [await c if c is not None else None for c in calls]
-            except NadrayError as e:  # the scorer's own one-line verdict on a record
-                raise api.ApiError(422, str(e)) from None
+                answers, p = await self._score_shards(flows, info)
+            finally:
+                self.in_flight -= 1
+                if self.in_flight == 0:
+                    async with self.drained:
+                        self.drained.notify_all()
             got = [a for a in answers if a is not None]
             entity, score = routing.merge(n, p, answers)
             versions = {a["model_version"] for a in got}
-            version = got[0]["model_version"] if len(versions) == 1 else info["version"]
-            threshold = next((a["threshold"] for a in got if a["model_version"] == version), got[0]["threshold"])
+            if len(versions) > 1:
+                # A shard restarted on a newer champion than its peers: never merge two
+                # models' scores into one answer; the check below brings them in line.
+                if self.resync is None or self.resync.done():
+                    self.resync = asyncio.get_running_loop().create_task(
+                        self._check_champion(reason="shards disagree", force=True))
+                raise api.ApiError(503, f"shards answered with model versions {sorted(versions)}; "
+                                        "they are being brought to one version: retry")
+            version, threshold = got[0]["model_version"], got[0]["threshold"]
             if not np.all(np.isfinite(score)):
                 raise RuntimeError("a flow was not scored by any shard")
             return {"model_version": version, "threshold": threshold,
                     "results": [{"entity": e, "score": float(s), "is_anomaly": bool(s >= threshold)}
                                 for e, s in zip(entity, score.tolist())]}
+
+        async def _score_shards(self, flows: pa.Table, info: dict) -> tuple[list, Any]:
+            p = routing.plan(flows, len(self.shards), info["local_networks"])
+            parts = p.take(flows)
+            try:
+                calls = [self.shards[i].score.remote(t) if t is not None else None for i, t in enumerate(parts)]
+                return [await c if c is not None else None for c in calls], p
+            except NadrayError as e:  # the scorer's own one-line verdict on a record
+                raise api.ApiError(422, str(e)) from None
 
         async def _score_in_process(self, flows: pa.Table) -> dict:
             core = self.core
@@ -242,13 +266,15 @@ def _build_deployments():
             return await self._check_champion(reason="admin")
 
         # -- model updates ----------------------------------------------------------------
-        async def _check_champion(self, reason: str) -> dict:
+        async def _check_champion(self, reason: str, force: bool = False) -> dict:
+            """Swap to the registry's champion if it changed; ``force``: send every shard to it
+            even if the first shard already serves it (a restarted shard may not)."""
             async with self.reload_lock:
                 current = (await self._info())["version"]
                 if self.pinned is not None:
                     return {"version": current, "changed": False, "reason": "model pinned to a version"}
                 latest = await asyncio.to_thread(champion_version, self.registry_uri)
-                if latest is None or latest == current:
+                if latest is None or (latest == current and not (force and self.shards)):
                     return {"version": current, "changed": False}
                 if self.core is not None:  # in process: load while serving, swap between batches
                     await self.core.prepare(latest)
@@ -256,13 +282,20 @@ def _build_deployments():
                         self.m["swaps"].inc()
                     event("champion_changed", old=current, new=latest, reason=reason)
                     return {"version": latest, "changed": True, "previous": current}
-                # Two phases: every shard loads in the background while serving, then
-                # all switch between batches, so the mixed-version window is one RPC.
+                # Two phases: every shard loads in the background while serving; then the
+                # gate holds new requests, the ones in flight finish, and all shards switch,
+                # so no answer mixes two versions (requests wait one RPC, none fails).
                 await asyncio.gather(*(s.prepare.remote(latest) for s in self.shards))
-                await asyncio.gather(*(s.activate.remote(latest) for s in self.shards))
-                await self._info(refresh=True)
+                self.gate.clear()
+                try:
+                    async with self.drained:
+                        await self.drained.wait_for(lambda: self.in_flight == 0)
+                    await asyncio.gather(*(s.activate.remote(latest) for s in self.shards))
+                    await self._info(refresh=True)
+                finally:
+                    self.gate.set()
                 event("champion_changed", old=current, new=latest, reason=reason)
-                return {"version": latest, "changed": True, "previous": current}
+                return {"version": latest, "changed": latest != current, "previous": current}
 
         async def _poll(self) -> None:
             while True:
