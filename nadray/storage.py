@@ -10,9 +10,11 @@ else. Credentials are never taken from config files or the command line.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import posixpath
+import threading
 import uuid
 from typing import Any, Iterator
 
@@ -36,11 +38,41 @@ def _s3_client_kwargs() -> dict[str, Any]:
     return client_kwargs
 
 
+# The variables botocore reads when it builds a client: a change to any of them
+# (another endpoint, rotated keys) must get a new client.
+_S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
+           "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE")
+_S3_CLIENTS: dict[tuple, fsspec.AbstractFileSystem] = {}
+_S3_LOCK = threading.Lock()
+
+
 def _s3_fs() -> fsspec.AbstractFileSystem:
+    """One s3fs client per process, thread and AWS settings.
+
+    A new client costs ~200 ms (session, credentials, connection); a reused one
+    answers a HEAD in ~7 ms (measured against SeaweedFS on loopback). Listings are
+    never cached: other processes (Ray workers, the nightly job) write the same
+    prefixes, and a stale listing would hide their objects.
+    """
     import s3fs
 
-    # skip_instance_cache: a test (or a long job) may change the endpoint between calls.
-    return s3fs.S3FileSystem(client_kwargs=_s3_client_kwargs(), skip_instance_cache=True)
+    settings = tuple(os.environ.get(k) for k in _S3_ENV)
+    key = (os.getpid(), threading.get_ident(), hashlib.sha256(repr(settings).encode()).hexdigest())
+    fs = _S3_CLIENTS.get(key)
+    if fs is None:
+        fs = s3fs.S3FileSystem(client_kwargs=_s3_client_kwargs(), skip_instance_cache=True,
+                               use_listings_cache=False)
+        with _S3_LOCK:
+            if len(_S3_CLIENTS) >= 64:  # threads come and go: bound what they leave behind
+                _S3_CLIENTS.clear()
+            _S3_CLIENTS[key] = fs
+    return fs
+
+
+def forget_s3_clients() -> None:
+    """Drop the cached clients: the next call connects afresh (after an outage)."""
+    with _S3_LOCK:
+        _S3_CLIENTS.clear()
 
 
 def get_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -80,6 +112,7 @@ def unreachable_as_error(uri: str, op: str) -> Iterator[None]:
             raise e from None
         if not isinstance(e, BotoCoreError):
             raise
+        forget_s3_clients()  # pooled connections to a server that went away are dead
         from nadray.errors import StorageError
 
         detail = " ".join(str(e).split())[:200]

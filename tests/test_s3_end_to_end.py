@@ -38,3 +38,22 @@ def test_cli_on_s3(ray_session, s3_bucket, shared_data, capsys):
     assert table.num_rows == n
     assert {"source", "source_row", "ts", "entity", "score", "is_anomaly", "threshold", "model_version"} <= set(
         table.column_names)
+
+
+def test_s3_client_reused_but_never_stale(s3_bucket, monkeypatch):
+    """One client per thread and AWS settings: another process's objects are listed at
+    once (no listing cache), and changed settings get a new client."""
+    import s3fs
+
+    uri = f"{s3_bucket}/shared"
+    storage.write_bytes_atomic(f"{uri}/a", b"1")
+    assert storage.ls(uri) == ["a"]
+    fs, _ = storage.get_fs(uri)
+    assert storage.get_fs(uri)[0] is fs
+    # Another writer (its own client, as a Ray worker or another job would be).
+    other = s3fs.S3FileSystem(client_kwargs=storage._s3_client_kwargs(), skip_instance_cache=True)
+    other.pipe(f"{uri.removeprefix('s3://')}/b", b"2")
+    assert storage.ls(uri) == ["a", "b"]
+    assert storage.exists(f"{uri}/b") and storage.read_bytes(f"{uri}/b") == b"2"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "rotated")
+    assert storage.get_fs(uri)[0] is not fs
