@@ -232,9 +232,13 @@ def _read_parts(uris: list[str], schema: pa.Schema) -> pa.Table:
     return pa.concat_tables(tables).cast(schema)
 
 
-def read_flows(archive: str, start: Any = None, end: Any = None, columns: list[str] | None = None) -> pa.Table:
-    """Flows with ``start <= ts < end`` (either may be None), as FLOW_SCHEMA, sorted by TIME_ORDER."""
-    table = _read_parts(dataset_paths(archive, start, end), FLOW_SCHEMA)
+def read_flows(archive: str, start: Any = None, end: Any = None, columns: list[str] | None = None,
+               paths: list[str] | None = None) -> pa.Table:
+    """Flows with ``start <= ts < end`` (either may be None), as FLOW_SCHEMA, sorted by TIME_ORDER.
+
+    ``paths``: the archive's ``dataset_paths`` for the same range, when the caller listed them already.
+    """
+    table = _read_parts(dataset_paths(archive, start, end) if paths is None else paths, FLOW_SCHEMA)
     s = _as_datetime(start, "start")
     e = _as_datetime(end, "end")
     if s is not None:

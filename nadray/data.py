@@ -92,24 +92,26 @@ def load_flows(archive: str, cfg: Config, start: Any = None, end: Any = None) ->
     if not paths:
         raise NadrayError(f"archive {archive} has no flows between {s or 'the beginning'} and {e or 'the end'}")
     if _total_bytes(paths) <= SMALL_READ_BYTES:
-        table = archive_mod.read_flows(archive, s, e)
+        # Filtered and in time order already.
+        table = archive_mod.read_flows(archive, s, e, paths=paths)
     else:
         ensure_ray()
         ds = read_dataset(archive, s, e)
         tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
         table = pa.concat_tables([t.select(FLOW_COLUMNS).cast(FLOW_SCHEMA) for t in tables]) if tables else \
             FLOW_SCHEMA.empty_table()
-    ts_type = FLOW_SCHEMA.field("ts").type
-    if s is not None:
-        table = table.filter(pc.greater_equal(table["ts"], pa.scalar(s, ts_type)))
-    if e is not None:
-        table = table.filter(pc.less(table["ts"], pa.scalar(e, ts_type)))
+        ts_type = FLOW_SCHEMA.field("ts").type
+        if s is not None:
+            table = table.filter(pc.greater_equal(table["ts"], pa.scalar(s, ts_type)))
+        if e is not None:
+            table = table.filter(pc.less(table["ts"], pa.scalar(e, ts_type)))
+        table = sort_flows(table)
     if table.num_rows == 0:
         raise NadrayError(f"archive {archive} has no flows between {s or 'the beginning'} and {e or 'the end'}")
     if table.num_rows > SMALL_INPUT_ROWS:
         log.warning("%d flows exceed the in-process size (%d); training uses them all but caps windows per "
                     "epoch at train.max_windows", table.num_rows, SMALL_INPUT_ROWS)
-    return sort_flows(table)
+    return table
 
 
 def _total_bytes(paths: list[str]) -> int:
