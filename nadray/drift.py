@@ -160,17 +160,17 @@ def score_shift(train_scores: np.ndarray, new_scores: np.ndarray) -> dict[str, A
         ``ks`` (two-sample Kolmogorov-Smirnov statistic, 0 to 1), ``p_value``,
         ``n_train``, ``n_new``, ``mean_train``, ``mean_new``, ``mean_shift``
         (new minus train), and ``quantiles``: ``{"p50": {"train", "new", "shift"}, ...}``.
-        Statistics are NaN when either side has no finite score.
+        When either side has no finite score the statistics are None (not NaN: the
+        dict goes into JSON reports) and ``undefined`` says why.
     """
     t = _as_float_1d(train_scores, "train_scores")
     n = _as_float_1d(new_scores, "new_scores")
     t, n = t[np.isfinite(t)], n[np.isfinite(n)]
     out: dict[str, Any] = {"n_train": int(t.size), "n_new": int(n.size)}
     if t.size == 0 or n.size == 0:
-        out.update(ks=math.nan, p_value=math.nan, mean_train=math.nan, mean_new=math.nan, mean_shift=math.nan)
-        out["quantiles"] = {
-            f"p{round(q * 100)}": {"train": math.nan, "new": math.nan, "shift": math.nan} for q in SHIFT_QUANTILES
-        }
+        out.update(ks=None, p_value=None, mean_train=None, mean_new=None, mean_shift=None)
+        out["quantiles"] = {f"p{round(q * 100)}": {"train": None, "new": None, "shift": None} for q in SHIFT_QUANTILES}
+        out["undefined"] = f"undefined: no finite score on one side ({t.size} training, {n.size} new)"
         return out
     from scipy.stats import ks_2samp
 
@@ -233,7 +233,8 @@ def drift_report(
     score_shift_limit: float,
     bins: int = 10,
 ) -> dict[str, Any]:
-    """Feature PSI, score shift and new entities in one JSON-safe dict.
+    """Feature PSI, score shift and new entities in one JSON-safe dict (no NaN or inf:
+    an undefined statistic is None and ``undefined`` says why).
 
     Parameters
     ----------
@@ -254,27 +255,36 @@ def drift_report(
     dict
         ``flagged`` (bool), ``reasons`` (one plain sentence per flag),
         ``features`` (a table: one ``{"feature", "psi", "over_limit"}`` row per
-        feature, in column order), ``max_psi``, ``score_shift`` (see
-        :func:`score_shift`, or None), ``new_entities`` (list or None),
-        ``n_new_entities``, ``psi_limit``, ``score_shift_limit``.
+        feature, in column order; ``psi`` None when undefined), ``max_psi`` (None
+        when no PSI is defined), ``score_shift`` (see :func:`score_shift`, or None),
+        ``new_entities`` (list or None), ``n_new_entities``, ``psi_limit``,
+        ``score_shift_limit``, and ``undefined``: ``{"psi" | "score_shift": why}``
+        for each check that could not be computed (empty when all could).
     """
     for name, value in (("psi_limit", psi_limit), ("score_shift_limit", score_shift_limit)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"{name} must be a number > 0, got {value!r}")
     psis = feature_psi(train_x, new_x, feature_names, bins=bins)
     reasons: list[str] = []
+    undefined: dict[str, str] = {}
     table = []
     for feat, value in psis.items():
-        over = bool(not math.isnan(value) and value > psi_limit)
-        table.append({"feature": feat, "psi": value, "over_limit": over})
+        defined = math.isfinite(value)
+        over = bool(defined and value > psi_limit)
+        table.append({"feature": feat, "psi": value if defined else None, "over_limit": over})
         if over:
             reasons.append(f"Feature {feat!r} drifted: PSI {_fmt(value)} is above the limit {_fmt(psi_limit)}.")
-    finite = [v for v in psis.values() if not math.isnan(v)]
+    finite = [v for v in psis.values() if math.isfinite(v)]
+    if len(finite) < len(psis):
+        undefined["psi"] = (f"undefined: PSI needs rows on both sides ({len(train_x)} training, {len(new_x)} new); "
+                            "such features have psi null")
 
     shift = None
     if train_scores is not None and new_scores is not None:
         shift = score_shift(train_scores, new_scores)
-        if not math.isnan(shift["ks"]) and shift["ks"] > score_shift_limit:
+        if shift["ks"] is None:
+            undefined["score_shift"] = shift["undefined"]
+        elif shift["ks"] > score_shift_limit:
             p50 = shift["quantiles"]["p50"]
             reasons.append(
                 f"Score distribution shifted: KS statistic {_fmt(shift['ks'])} is above the limit "
@@ -290,10 +300,11 @@ def drift_report(
         "flagged": bool(reasons),
         "reasons": reasons,
         "features": table,
-        "max_psi": max(finite) if finite else math.nan,
+        "max_psi": max(finite) if finite else None,
         "score_shift": shift,
         "new_entities": unseen,
         "n_new_entities": None if unseen is None else len(unseen),
         "psi_limit": float(psi_limit),
         "score_shift_limit": float(score_shift_limit),
+        "undefined": undefined,
     }

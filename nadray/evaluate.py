@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -78,16 +79,23 @@ class EvalData:
 
     def frame(self, name: str, split: str = "test"):
         """Per-flow frame of one detector on one split, in the score-output columns."""
-        import pandas as pd
-
         det = self.detectors[name]
-        m = getattr(self.masks, split)
-        f = self.flows.loc[m, ["source", "source_row", "ts", "label", "label_detail"]].copy()
-        f["entity"] = det.entity[m]
-        f["score"] = det.scores[m]
-        f["threshold"] = det.threshold
-        f["is_anomaly"] = f["score"].to_numpy() >= det.threshold
-        return pd.DataFrame(f[_FRAME_COLUMNS]).reset_index(drop=True)
+        return score_frame(self.flows, getattr(self.masks, split), det.scores, det.entity, det.threshold)
+
+
+def score_frame(flows: Any, mask: np.ndarray, scores: np.ndarray, entity: np.ndarray, threshold: float):
+    """Per-flow frame of the rows of ``mask`` in the score-output columns (for the plots).
+
+    ``flows`` is the ``EvalData.flows`` frame; ``scores`` and ``entity`` are (n,) over all its rows.
+    """
+    import pandas as pd
+
+    f = flows.loc[mask, ["source", "source_row", "ts", "label", "label_detail"]].copy()
+    f["entity"] = entity[mask]
+    f["score"] = scores[mask]
+    f["threshold"] = threshold
+    f["is_anomaly"] = f["score"].to_numpy() >= threshold
+    return pd.DataFrame(f[_FRAME_COLUMNS]).reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------- splits
@@ -128,12 +136,12 @@ def split_masks(flows_all: Any, split: Any, cfg: Any = None) -> SplitMasks:
     ):
         # nadray.data.Splits over this very stream: its masks apply row for row.
         masks = SplitMasks(*(np.asarray(getattr(split, f"{s}_mask"), dtype=bool) for s in ("train", "val", "test")),
-                           boundaries={"cuts": _jsonable(getattr(split, "boundaries", {}) or {})})
+                           boundaries={"cuts": jsonable(getattr(split, "boundaries", {}) or {})})
     elif all(hasattr(split, s) for s in ("train", "val", "test")):
         keys = _keys(flows_all)
         masks = SplitMasks(
             *(np.asarray(keys.isin(_keys(getattr(split, s)))) for s in ("train", "val", "test")),
-            boundaries={"cuts": _jsonable(getattr(split, "boundaries", {}) or {})},
+            boundaries={"cuts": jsonable(getattr(split, "boundaries", {}) or {})},
         )
         found = int(masks.train.sum() + masks.val.sum() + masks.test.sum())
         expected = sum(len(getattr(split, s)) for s in ("train", "val", "test"))
@@ -172,25 +180,28 @@ def split_masks(flows_all: Any, split: Any, cfg: Any = None) -> SplitMasks:
     return masks
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """A copy of ``obj`` that strict JSON can hold: numpy scalars and arrays as Python
+    values, tuples as lists, keys as str, other objects as their str, and NaN and
+    +-inf as None (``json.dumps`` would write them as ``NaN`` / ``Infinity``, which
+    strict readers such as jq, JavaScript and Go reject).
+    """
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (np.integer,)):
         return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return None if np.isnan(obj) else float(obj)
-    if isinstance(obj, float):
-        return None if obj != obj else obj
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
     if isinstance(obj, (np.bool_,)):
         return bool(obj)
     if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if obj is None or isinstance(obj, (str, int, bool)):
         return obj
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _jsonable(dataclasses.asdict(obj))
+        return jsonable(dataclasses.asdict(obj))
     return str(obj)
 
 
@@ -250,25 +261,38 @@ def _threshold_value(t: Any) -> float:
 # --------------------------------------------------------------------------- scoring
 
 
-def _lstm_scores(scorer: Any, flows_all: Any, keys) -> DetectorScores:
-    """Score the whole time-ordered stream with the LSTM and align to the rows of ``flows_all``."""
+def _lstm_scores(scorer: Any, flows_all: Any, keys, events: Any = None, event_scores: Any = None) -> DetectorScores:
+    """Score the whole time-ordered stream with the LSTM and align to the rows of ``flows_all``.
+
+    With ``events`` (``flows_all`` already encoded with the scorer's encoder) the flow
+    scores come from them, and from ``event_scores`` too when those are given; else
+    ``scorer.score_table`` encodes and scores the stream itself. The results are the same.
+    """
     import pandas as pd
 
-    df = scorer.score_table(flows_all)
-    if len(df) != len(keys):
-        raise InputError(f"LSTM scorer returned {len(df)} rows for {len(keys)} flows; expected one row per flow")
-    pos = pd.MultiIndex.from_arrays(
-        [df["source"].to_numpy(dtype=object), df["source_row"].to_numpy(dtype="int64")]
-    )
-    where = keys.get_indexer(pos) if keys.is_unique else np.arange(len(df))
-    if (where < 0).any():
-        raise InputError("LSTM scorer returned rows whose (source, source_row) are not in the evaluated flows")
-    scores = np.full(len(keys), np.nan)
-    entity = np.full(len(keys), None, dtype=object)
-    scores[where] = df["score"].to_numpy(dtype="float64")
-    entity[where] = df["entity"].to_numpy(dtype=object)
-    thr = scorer.threshold
-    value = _threshold_value(thr) if thr is not None else float(df["threshold"].iloc[0])
+    if events is not None:
+        if event_scores is None:
+            event_scores = scorer.event_scores(events)
+        scores, entity = scorer.flow_scores(events, event_scores, len(keys))
+        if np.isnan(scores).any():
+            raise InputError(f"LSTM scorer: {int(np.isnan(scores).sum())} of {len(keys)} flows got no score")
+        value = _threshold_value(scorer.threshold)
+    else:
+        df = scorer.score_table(flows_all)
+        if len(df) != len(keys):
+            raise InputError(f"LSTM scorer returned {len(df)} rows for {len(keys)} flows; expected one row per flow")
+        pos = pd.MultiIndex.from_arrays(
+            [df["source"].to_numpy(dtype=object), df["source_row"].to_numpy(dtype="int64")]
+        )
+        where = keys.get_indexer(pos) if keys.is_unique else np.arange(len(df))
+        if (where < 0).any():
+            raise InputError("LSTM scorer returned rows whose (source, source_row) are not in the evaluated flows")
+        scores = np.full(len(keys), np.nan)
+        entity = np.full(len(keys), None, dtype=object)
+        scores[where] = df["score"].to_numpy(dtype="float64")
+        entity[where] = df["entity"].to_numpy(dtype=object)
+        thr = scorer.threshold
+        value = _threshold_value(thr) if thr is not None else float(df["threshold"].iloc[0])
     info = {"threshold_source": "checkpoint", "model_version": getattr(scorer, "version", None)}
     return DetectorScores(scores, entity, value, info)
 
@@ -375,9 +399,15 @@ def baseline_scores(
 
 
 def score_split(
-    scorer: Any, flows_all: Any, split: Any, cfg: Any = None, baselines: list[str] | None = None, encoder: Any = None
+    scorer: Any, flows_all: Any, split: Any, cfg: Any = None, baselines: list[str] | None = None, encoder: Any = None,
+    events: Any = None, event_scores: np.ndarray | None = None,
 ) -> EvalData:
-    """Score the whole stream with the LSTM (when ``scorer`` is given) and each baseline; see ``evaluate_split``."""
+    """Score the whole stream with the LSTM (when ``scorer`` is given) and each baseline; see ``evaluate_split``.
+
+    ``events``: ``flows_all`` already encoded with the scorer's encoder (as training
+    did), so it is not encoded again; ``event_scores`` (n_events,): the scorer's
+    scores of those events, so the LSTM does not run again. Both only save work.
+    """
     from nadray.config import Config
 
     cfg = cfg or Config()
@@ -389,10 +419,11 @@ def score_split(
     keys = _keys(flows_all)
     detectors: dict[str, DetectorScores] = {}
     if scorer is not None:
-        detectors[LSTM] = _lstm_scores(scorer, flows_all, keys)
-    if encoder is None:
-        encoder = _encoder_for(scorer, _take(flows_all, masks.train), cfg)
-    events = encoder.transform(flows_all)
+        detectors[LSTM] = _lstm_scores(scorer, flows_all, keys, events, event_scores)
+    if events is None:
+        if encoder is None:
+            encoder = _encoder_for(scorer, _take(flows_all, masks.train), cfg)
+        events = encoder.transform(flows_all)
     labels = flows["label"].to_numpy()
     base, skipped = baseline_scores(events, masks, labels, cfg, baselines)
     detectors.update(base)
@@ -425,21 +456,40 @@ def _split_counts(flows, masks: SplitMasks) -> dict[str, dict[str, int]]:
     return out
 
 
-def detector_metrics(data: EvalData, name: str, split: str = "test") -> dict[str, Any]:
+def flow_metrics(flows: Any, mask: np.ndarray, scores: np.ndarray, threshold: float, entity: np.ndarray) -> dict[str, Any]:
+    """``metrics.detection_metrics`` of per-flow ``scores`` on the rows of ``mask``.
+
+    ``flows`` is the ``EvalData.flows`` frame (label, label_detail, ts); ``scores`` and
+    ``entity`` are (n,) over all its rows. A metric that cannot be computed is None,
+    and ``undefined`` (present only then) says why: ``{"roc_auc": "undefined: one class ..."}``.
+    """
     from nadray.metrics import detection_metrics
 
-    det = data.detectors[name]
-    m = getattr(data.masks, split)
-    f = data.flows
     out = detection_metrics(
-        f["label"].to_numpy()[m],
-        det.scores[m],
-        det.threshold,
-        label_detail=f["label_detail"].to_numpy(dtype=object)[m],
-        entity=det.entity[m],
-        ts=f["ts"].to_numpy()[m],
+        flows["label"].to_numpy()[mask],
+        scores[mask],
+        threshold,
+        label_detail=flows["label_detail"].to_numpy(dtype=object)[mask],
+        entity=entity[mask],
+        ts=flows["ts"].to_numpy()[mask],
     )
-    out.update(_jsonable(det.info))
+    undefined = {}
+    if out.get("roc_auc") is None:
+        why = ("no labelled records" if not out["n_labelled"]
+               else f"one class ({out['n_malicious']} malicious, {out['n_benign']} benign)")
+        undefined["roc_auc"] = undefined["pr_auc"] = f"undefined: {why}"
+    for key in ("fpr", "false_alarms_per_entity_day"):
+        if key in out and out[key] is None:
+            undefined[key] = "undefined: no benign records"
+    if undefined:
+        out["undefined"] = undefined
+    return out
+
+
+def detector_metrics(data: EvalData, name: str, split: str = "test") -> dict[str, Any]:
+    det = data.detectors[name]
+    out = flow_metrics(data.flows, getattr(data.masks, split), det.scores, det.threshold, det.entity)
+    out.update(jsonable(det.info))
     return out
 
 
@@ -505,14 +555,15 @@ def summarize(data: EvalData, meta: dict[str, Any] | None = None) -> dict[str, A
         summary["lstm_beats_every_baseline"] = not losses
     if meta:
         summary["model"] = meta
-    results["split"] = {"boundaries": _jsonable(data.masks.boundaries), "counts": _split_counts(data.flows, data.masks)}
+    results["split"] = {"boundaries": jsonable(data.masks.boundaries), "counts": _split_counts(data.flows, data.masks)}
     results["summary"] = summary
     results["where_lstm_loses"] = losses
-    return _jsonable(results)
+    return jsonable(results)
 
 
 def evaluate_split(
-    scorer: Any, flows_all: Any, split: Any, cfg: Any = None, baselines: list[str] | None = None
+    scorer: Any, flows_all: Any, split: Any, cfg: Any = None, baselines: list[str] | None = None,
+    events: Any = None, event_scores: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The LSTM and every baseline on the same split, metrics on its test rows.
 
@@ -524,6 +575,7 @@ def evaluate_split(
         records are scored with their entity's earlier records as context.
     split : ``nadray.data.Splits``, ``SplitMasks``, ``{"train","val","test"}`` masks, or a test mask.
     cfg : ``Config`` whose ``data``, ``threshold`` and ``train.seed`` sections apply.
+    events, event_scores : see ``score_split`` (work already done by training, reused).
 
     Returns
     -------
@@ -531,7 +583,7 @@ def evaluate_split(
     in training), "ewma_zscore": ..., "split": {"boundaries", "counts"}, "summary": ...,
     "where_lstm_loses": [sentences]}``; JSON-safe.
     """
-    data = score_split(scorer, flows_all, split, cfg, baselines)
+    data = score_split(scorer, flows_all, split, cfg, baselines, events=events, event_scores=event_scores)
     return summarize(data, model_meta(scorer))
 
 
@@ -545,7 +597,7 @@ def model_meta(scorer: Any) -> dict[str, Any] | None:
     for k, v in meta.items():
         if "range" in k and k not in keep:
             keep[k] = v
-    return _jsonable(keep)
+    return jsonable(keep)
 
 
 # --------------------------------------------------------------------------- the command
@@ -775,4 +827,4 @@ def cs448b_experiment(
         baseline_df = cs448b_daily_ewma(flows, window[0])
     if baseline_df is not None:
         out["ewma_zscore"] = _host_analysis(baseline_df, ground_truth, window)
-    return _jsonable(out)
+    return jsonable(out)

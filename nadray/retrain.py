@@ -85,9 +85,9 @@ class NightReport:
             lines.append(f"  champion: {r['champion_after']}")
         drift = r.get("drift")
         if drift:
-            ks = (drift.get("score_shift") or {}).get("ks")
+            ks, mp = (drift.get("score_shift") or {}).get("ks"), drift.get("max_psi")
             lines.append(f"  drift: {'FLAGGED' if drift.get('flagged') else 'not flagged'} (max PSI "
-                         f"{drift.get('max_psi', float('nan')):.3f}, score KS {ks if ks is None else round(ks, 3)}, "
+                         f"{mp if mp is None else round(mp, 3)}, score KS {ks if ks is None else round(ks, 3)}, "
                          f"{drift.get('n_new_entities')} new entities)")
         if r.get("notify"):
             lines.append(f"  serve: {r['notify'].get('status')}")
@@ -267,10 +267,11 @@ def retrain(landing: str, archive: str, registry: str, date: str | None = None, 
             c.update(window_rows=int(test.sum()), window_malicious=int(np.sum(ev.flows["label"].to_numpy()[test] == 1)))
 
         with steps("drift") as c:
-            drift = compare.drift_step(ch.data.encoder, splits.flows, splits.train_mask, splits.test_mask, tcfg,
-                                       scorer=ch.scorer)
+            drift = compare.drift_step(ch.data.events, splits.train_mask, splits.test_mask, tcfg,
+                                       scores=ch.event_scores)
             record["drift"] = drift
-            c.update(flagged=drift["flagged"], max_psi=round(float(drift["max_psi"]), 4),
+            mp = drift["max_psi"]
+            c.update(flagged=drift["flagged"], max_psi=None if mp is None else round(float(mp), 4),
                      new_entities=drift["n_new_entities"])
 
         # 5. Decide, register ---------------------------------------------------------

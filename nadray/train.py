@@ -502,7 +502,8 @@ class TrainResult:
 def finalize(data: TrainingData, model: Any, cfg: Config, history: list[dict[str, Any]] | None = None):
     """Error normaliser, hybrid z statistics, threshold and metrics for a fitted model.
 
-    Returns (Scorer (unregistered), flow scores of the whole stream, metrics dict).
+    Returns (Scorer (unregistered), flow scores of the whole stream, metrics dict,
+    event scores of ``data.events``: the scorer's own, so evaluation need not run the LSTM again).
     """
     from nadray.metrics import detection_metrics
     from nadray.model import combine_scores
@@ -536,7 +537,7 @@ def finalize(data: TrainingData, model: Any, cfg: Config, history: list[dict[str
             metrics[name] = detection_metrics(labels[m], flow_s[m], thr.value, detail[m], flow_e[m], ts[m])
     if history:
         metrics["best_epoch"] = int(np.argmin([h["val_loss"] for h in history]))
-    return scorer, flow_s, metrics
+    return scorer, flow_s, metrics, scores
 
 
 # Pseudo-events of the global mean error added to each entity's own: a host seen a
@@ -557,14 +558,19 @@ def entity_scales(entity: np.ndarray, err: np.ndarray, prior: int = ENTITY_PRIOR
     return {"global": max(g, 1e-12), "entities": {str(k): max(float(v), 1e-12) for k, v in scale.items()}}
 
 
-def extra_metrics(scorer: Any, data: TrainingData, cfg: Config) -> dict[str, Any] | None:
-    """Baselines on the same split, from the evaluate module when it is installed."""
+def extra_metrics(scorer: Any, data: TrainingData, cfg: Config,
+                  event_scores: np.ndarray | None = None) -> dict[str, Any] | None:
+    """Baselines on the same split, from the evaluate module when it is installed.
+
+    ``event_scores``: the scorer's scores of ``data.events`` (from ``finalize``), reused.
+    """
     try:
         from nadray.evaluate import evaluate_split
     except (ImportError, AttributeError):
         return None
     try:
-        return evaluate_split(scorer, data.splits.flows, data.splits, cfg)
+        return evaluate_split(scorer, data.splits.flows, data.splits, cfg, events=data.events,
+                              event_scores=event_scores)
     except (ImportError, AttributeError, NadrayError) as e:
         log.warning("baseline evaluation skipped: %s", e)
         return None
@@ -590,8 +596,8 @@ def register_fitted(archive: str, registry: str, cfg: Config, data: TrainingData
     from nadray.data import data_range
 
     splits = data.splits
-    scorer, _, metrics = finalize(data, fitted.model, cfg, fitted.history)
-    extra = extra_metrics(scorer, data, cfg)
+    scorer, _, metrics, event_scores = finalize(data, fitted.model, cfg, fitted.history)
+    extra = extra_metrics(scorer, data, cfg, event_scores)
     if extra is not None:
         metrics["evaluate"] = extra
     meta = {

@@ -8,6 +8,7 @@ for the edge cases (constant columns, NaN).
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -121,10 +122,11 @@ def test_score_shift():
     assert moved["mean_shift"] == pytest.approx(1.0, abs=0.1)
     assert moved["quantiles"]["p50"]["shift"] == pytest.approx(1.0, abs=0.1)
     assert set(moved["quantiles"]) == {"p50", "p90", "p99"}
-    # Non-finite scores dropped; an empty side gives NaN statistics, not an error.
+    # Non-finite scores dropped; an empty side gives None statistics and says why, not an error.
     assert score_shift(np.array([1.0, np.nan, 2.0]), np.array([1.0, 2.0]))["n_train"] == 2
     empty = score_shift(base, np.array([np.nan]))
-    assert empty["n_new"] == 0 and math.isnan(empty["ks"])
+    assert empty["n_new"] == 0 and empty["ks"] is None and empty["quantiles"]["p50"]["shift"] is None
+    assert empty["undefined"] == "undefined: no finite score on one side (5000 training, 0 new)"
 
 
 def test_new_entities():
@@ -178,3 +180,32 @@ def test_drift_report_optional_parts_and_json_safe():
     json.dumps(report)  # the nightly report writes it as JSON
     with pytest.raises(ValueError, match="psi_limit must be a number > 0, got 0"):
         drift_report(x, x, ["a", "b"], None, None, None, None, psi_limit=0, score_shift_limit=0.2)
+
+
+def _strict_loads(text: str):
+    """json.loads as jq, JavaScript and Go read JSON: NaN and Infinity tokens are errors."""
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_drift_report_is_strict_json_when_statistics_are_undefined():
+    train = np.column_stack([np.random.default_rng(6).normal(size=300), np.full(300, 7.0)])  # b is constant
+    # No new rows at all: every PSI and the score shift are undefined.
+    empty = drift_report(train, np.empty((0, 2)), ["a", "b"], np.ones(300), np.array([]), ["h1"] * 300, [],
+                         psi_limit=0.25, score_shift_limit=0.2)
+    back = _strict_loads(json.dumps(empty, allow_nan=False))
+    assert [r["psi"] for r in back["features"]] == [None, None] and back["max_psi"] is None
+    assert back["score_shift"]["ks"] is None and back["score_shift"]["p_value"] is None
+    assert back["flagged"] is False
+    assert back["undefined"]["psi"].startswith("undefined: PSI needs rows on both sides (300 training, 0 new)")
+    assert back["undefined"]["score_shift"].startswith("undefined: no finite score on one side")
+    # New rows whose scores are all NaN, and a constant feature that stays constant or goes missing.
+    new = np.column_stack([np.random.default_rng(7).normal(size=50), np.r_[np.full(25, 7.0), np.full(25, np.nan)]])
+    some = drift_report(train, new, ["a", "b"], np.ones(300), np.full(50, np.nan), None, None,
+                        psi_limit=0.25, score_shift_limit=0.2)
+    back = _strict_loads(json.dumps(some, allow_nan=False))
+    assert all(isinstance(r["psi"], float) for r in back["features"]) and back["features"][1]["over_limit"]
+    assert back["score_shift"]["ks"] is None and set(back["undefined"]) == {"score_shift"}

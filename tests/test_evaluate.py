@@ -142,6 +142,19 @@ def test_hgb_is_skipped_without_both_labels(flows, test_mask):
     res = evaluate_split(None, unlabelled, test_mask, small_cfg(), baselines=["isolation_forest", "hgb"])
     assert "hgb" not in res and "both 0 and 1" in res["summary"]["skipped"]["hgb"]
     assert res["isolation_forest"]["roc_auc"] is None  # no labels: no ranking metric, no crash
+    assert res["isolation_forest"]["undefined"]["roc_auc"] == "undefined: no labelled records"
+    json.loads(json.dumps(res, allow_nan=False), parse_constant=_refuse)  # metrics.json is strict JSON
+
+
+def _refuse(token):
+    raise ValueError(f"non-standard JSON token {token}")
+
+
+def test_jsonable_writes_non_finite_numbers_as_null():
+    from nadray.evaluate import jsonable
+
+    obj = {"a": float("nan"), "b": np.float32("inf"), "c": [np.float64(-np.inf), 1.5, np.int64(2)], 3: (True,)}
+    assert jsonable(obj) == {"a": None, "b": None, "c": [None, 1.5, 2], "3": [True]}
 
 
 def test_evaluate_split_with_lstm_scorer_seam(flows, test_mask):
@@ -184,6 +197,14 @@ def test_evaluate_split_with_a_real_scorer(flows):
     frame = data.frame("lstm")
     assert list(frame.columns)[:5] == ["source", "source_row", "ts", "entity", "score"]
     assert len(frame) == splits.test_mask.sum()
+    # The stream already encoded (as training does), with or without its event scores: the same results.
+    events = enc.transform(splits.flows)
+    for given in ({"events": events}, {"events": events, "event_scores": scorer.event_scores(events)}):
+        again = score_split(scorer, splits.flows, splits, cfg, **given)
+        for name, det in data.detectors.items():
+            assert np.array_equal(again.detectors[name].scores, det.scores), name
+            assert list(again.detectors[name].entity) == list(det.entity) and again.detectors[name].threshold == det.threshold
+        assert summarize(again) == res
 
 
 def test_evaluate_command_writes_metrics_and_report(flows, tmp_path, ray_session):

@@ -12,6 +12,7 @@ import os
 import shutil
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +34,15 @@ def _land(landing: Path, *scenarios: str) -> None:
     for s in scenarios:
         src = datasets.path(f"iot23-{s}")
         shutil.copyfile(src, landing / src.name)
+
+
+def _strict_loads(text: str):
+    """json.loads as jq, JavaScript and Go read JSON: NaN and Infinity tokens are errors."""
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 def _champion_bytes(registry: str) -> bytes:
@@ -68,7 +78,7 @@ def test_night_registers_a_champion_and_reports_the_refused_file(night1):
     assert "notes.txt" in report.summary()
     assert not (Path(archive) / "_staging").exists()
     night_dir = Path(reg.model_root(registry)) / "nights" / "2018-10-04"
-    night = json.loads((night_dir / "night.json").read_text())
+    night = _strict_loads((night_dir / "night.json").read_text())
     assert night["status"] == "complete" and night["decision"]["basis"] == "no champion"
     assert {s["name"] for s in night["steps"]} >= {"ingest", "train", "evaluate", "drift", "decide", "commit", "promote"}
     html = (night_dir / "report.html").read_text()
@@ -163,16 +173,59 @@ def test_drift_flags_another_capture_but_not_a_held_back_part_of_the_same_one():
     same = _capture("CTU-Malware-Capture-20-1")
     held = np.random.default_rng(0).random(same.num_rows) < 0.3
     enc = FeatureEncoder.fit(same.filter(pa.array(~held)), cfg)
-    quiet = compare.drift_step(enc, same, ~held, held, cfg)
+    quiet = compare.drift_step(enc.transform(same), ~held, held, cfg)
     assert not quiet["flagged"], quiet["reasons"]
     assert quiet["max_psi"] < cfg.nightly.psi_limit and quiet["n_new_entities"] == 0
 
     both = sort_flows(pa.concat_tables([same, _capture("CTU-Honeypot-Capture-4-1")]))
     old = np.array([("20-1" in s) for s in both.column("source").to_pylist()])
     enc = FeatureEncoder.fit(both.filter(pa.array(old)), cfg)
-    loud = compare.drift_step(enc, both, old, ~old, cfg)
+    loud = compare.drift_step(enc.transform(both), old, ~old, cfg)
     assert loud["flagged"] and loud["max_psi"] > cfg.nightly.psi_limit
     assert any(r["over_limit"] for r in loud["features"]) and loud["n_new_entities"] >= 1
+
+
+# --------------------------------------------------------------------------- night.json is strict JSON
+
+
+def test_night_json_writes_undefined_values_as_null_and_says_why(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from nadray import evaluate
+    from nadray.drift import drift_report
+    from nadray.nightly import report as night_report
+
+    cfg = Config()
+    # Drift with an empty comparison side, as drift_report makes it.
+    drift = drift_report(np.ones((20, 2)), np.empty((0, 2)), ["a", "b"], np.ones(20), np.array([]), None, None,
+                         cfg.nightly.psi_limit, cfg.nightly.score_shift_limit)
+    # A window with one label class: ROC-AUC and PR-AUC are undefined.
+    flows = pd.DataFrame({"label": [0.0] * 6, "label_detail": ["-"] * 6,
+                          "ts": np.datetime64("2019-01-10", "us") + np.arange(6).astype("timedelta64[h]")})
+    scores = np.linspace(0, 1, 6)
+    metrics = evaluate.flow_metrics(flows, np.ones(6, bool), scores, 0.5, np.array(["h"] * 6, dtype=object))
+    # The challenger's scores are all NaN on its training part: score KS undefined.
+    splits = SimpleNamespace(train_mask=np.arange(6) < 3, test_mask=np.arange(6) >= 3)
+    stability = compare._stability(np.r_[[np.nan] * 3, scores[3:]], 0.5, flows["label"].to_numpy(), splits)
+    record = {"date": "2019-01-10", "status": "complete", "drift": drift,
+              "comparison": {"detectors": {"challenger": metrics}, "stability": {"challenger": stability}},
+              "steps": [{"name": "drift", "seconds": 0.1, "counts": {"max_psi": float("nan")}}],
+              "numbers": [np.float32("inf"), -float("inf"), np.float64(0.25)]}
+    registry = str(tmp_path / "registry")
+    night_report.write(registry, "nadray", "2019-01-10", record)
+    text = (Path(night_report.night_uri(registry, "nadray", "2019-01-10")) / "night.json").read_text()
+    night = _strict_loads(text)
+    assert night["drift"]["max_psi"] is None and night["drift"]["score_shift"]["ks"] is None
+    assert "no finite score on one side" in night["drift"]["undefined"]["score_shift"]
+    ch = night["comparison"]["detectors"]["challenger"]
+    assert ch["roc_auc"] is None and ch["undefined"]["roc_auc"] == "undefined: one class (0 malicious, 6 benign)"
+    st = night["comparison"]["stability"]["challenger"]
+    assert st["ks"] is None and st["undefined"]["ks"].startswith("undefined: no finite score")
+    assert night["steps"][0]["counts"]["max_psi"] is None and night["numbers"] == [None, None, 0.25]
+    # And the record's sanitising is what keeps NaN out: without it the write fails loudly.
+    monkeypatch.setattr(evaluate, "jsonable", lambda obj: obj)
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        night_report.write(registry, "nadray", "2019-01-11", {"date": "2019-01-11", "max_psi": float("nan")})
 
 
 # --------------------------------------------------------------------------- decision, split, notify (pure)

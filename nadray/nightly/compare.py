@@ -10,7 +10,8 @@
 - :func:`decide`: promote when not worse on ``nightly.metric`` (labelled window),
   or, without both labels, on false-alarm rate and score stability.
 - :func:`drift_step`: PSI per feature, score shift and new entities, training
-  part of the window against the comparison window.
+  part of the window against the comparison window (on the events and scores
+  the evaluation already computed).
 """
 
 from __future__ import annotations
@@ -101,14 +102,10 @@ class Scored:
     stability: dict[str, Any] = field(default_factory=dict)
 
     def frame(self, flows_df: Any, mask: np.ndarray):
-        import pandas as pd
+        """Per-flow frame of the ``mask`` rows (``evaluate.score_frame``), for the plots."""
+        from nadray.evaluate import score_frame
 
-        f = flows_df.loc[mask, ["source", "source_row", "ts", "label", "label_detail"]].copy()
-        f["entity"] = self.entity[mask]
-        f["score"] = self.scores[mask]
-        f["threshold"] = self.threshold
-        f["is_anomaly"] = f["score"].to_numpy() >= self.threshold
-        return pd.DataFrame(f).reset_index(drop=True)
+        return score_frame(flows_df, mask, self.scores, self.entity, self.threshold)
 
 
 def _stability(scores: np.ndarray, threshold: float, labels: np.ndarray, splits: Any) -> dict[str, Any]:
@@ -124,15 +121,11 @@ def _stability(scores: np.ndarray, threshold: float, labels: np.ndarray, splits:
     benign = test & (labels == 0)
     ref = benign if benign.any() else test
     far = float(np.mean(scores[ref] >= threshold)) if ref.any() else None
-    return {"ks": shift["ks"], "false_alarm_rate": far, "false_alarm_basis": "benign" if benign.any() else "all",
-            "alerts": int(np.sum(scores[test] >= threshold)), "window_rows": int(test.sum())}
-
-
-def _metrics(labels, scores, thr, flows_df, entity, mask) -> dict[str, Any]:
-    from nadray.metrics import detection_metrics
-
-    return detection_metrics(labels[mask], scores[mask], thr, flows_df["label_detail"].to_numpy(dtype=object)[mask],
-                             entity[mask], flows_df["ts"].to_numpy()[mask])
+    out = {"ks": shift["ks"], "false_alarm_rate": far, "false_alarm_basis": "benign" if benign.any() else "all",
+           "alerts": int(np.sum(scores[test] >= threshold)), "window_rows": int(test.sum())}
+    if shift["ks"] is None:
+        out["undefined"] = {"ks": shift["undefined"]}
+    return out
 
 
 @dataclass
@@ -147,6 +140,9 @@ class Challenger:
     scored: Scored
     warm_start: dict[str, Any]
     meta: dict[str, Any]
+    # (len(data.events),) the scorer's scores of data.events, from ``train.finalize``:
+    # the LSTM runs over the window once, for threshold, evaluation and drift alike.
+    event_scores: np.ndarray | None = None
 
 
 def warm_start_weights(registry: str, champion_version: str | None, encoder: Any, cfg: Config,
@@ -184,21 +180,29 @@ def train_challenger(flows: pa.Table, splits: Any, cfg: Config, registry: str, c
                      if warm_start else (None, {"used": False, "reason": "disabled"}))
     log.info("warm start: %s", warm)
     fitted = fit(data, cfg, storage_path=storage.join(registry, "_runs"), name=run_name, init_weights=weights)
-    scorer, _, train_metrics = finalize(data, fitted.model, cfg, fitted.history)
-    return Challenger(None, scorer, data, cfg, fitted.history, {}, None, None, warm, {"train_metrics": train_metrics})
+    scorer, _, train_metrics, event_scores = finalize(data, fitted.model, cfg, fitted.history)
+    return Challenger(None, scorer, data, cfg, fitted.history, {}, None, None, warm, {"train_metrics": train_metrics},
+                      event_scores=event_scores)
 
 
 def evaluate_challenger(ch: Challenger, splits: Any) -> None:
-    """The challenger and the baselines on the split (``evaluate.score_split``); fills ``ch``."""
-    from nadray.evaluate import model_meta, score_split, summarize
+    """The challenger and the baselines on the split (``evaluate.score_split``); fills ``ch``.
+
+    The stream is the one training encoded (``ch.data.events``, same encoder, same
+    flows), with the scores ``train.finalize`` gave it (``ch.event_scores``): neither
+    is computed again.
+    """
+    from nadray.evaluate import flow_metrics, model_meta, score_split, summarize
 
     cfg, scorer = ch.cfg, ch.scorer
-    ev = score_split(scorer, splits.flows, splits, cfg)
+    if ch.event_scores is None:
+        ch.event_scores = scorer.event_scores(ch.data.events)
+    ev = score_split(scorer, splits.flows, splits, cfg, events=ch.data.events, event_scores=ch.event_scores)
     results = summarize(ev, model_meta(scorer))
     lstm = ev.detectors["lstm"]
     labels = ev.flows["label"].to_numpy()
     scored = Scored("challenger", None, lstm.scores, lstm.entity, lstm.threshold,
-                    _metrics(labels, lstm.scores, lstm.threshold, ev.flows, lstm.entity, splits.test_mask))
+                    flow_metrics(ev.flows, splits.test_mask, lstm.scores, lstm.threshold, lstm.entity))
     scored.stability = _stability(lstm.scores, lstm.threshold, labels, splits)
     ch.eval_results, ch.eval_data, ch.scored = results, ev, scored
 
@@ -234,6 +238,7 @@ def register_challenger(registry: str, ch: Challenger, night: dict[str, Any]) ->
 
 def score_champion(registry: str, version: str, splits: Any, cfg: Config, flows_df: Any) -> Scored:
     """The champion's scores and metrics on the same stream and window as the challenger."""
+    from nadray.evaluate import flow_metrics
     from nadray.scorer import Scorer
 
     scorer = Scorer.from_ref(f"{registry}@{version}", cfg.registry.name)
@@ -242,8 +247,7 @@ def score_champion(registry: str, version: str, splits: Any, cfg: Config, flows_
     entity = df["entity"].to_numpy(dtype=object)
     thr = float(scorer.threshold.value)
     labels = flows_df["label"].to_numpy()
-    s = Scored("champion", version, scores, entity, thr,
-               _metrics(labels, scores, thr, flows_df, entity, splits.test_mask))
+    s = Scored("champion", version, scores, entity, thr, flow_metrics(flows_df, splits.test_mask, scores, thr, entity))
     s.stability = _stability(scores, thr, labels, splits)
     return s
 
@@ -341,21 +345,20 @@ def _event_mask(events: Any, flow_mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def drift_step(encoder: Any, flows: pa.Table, train_mask: np.ndarray, new_mask: np.ndarray, cfg: Config,
-               scorer: Any = None) -> dict[str, Any]:
+def drift_step(events: Any, train_mask: np.ndarray, new_mask: np.ndarray, cfg: Config,
+               scores: np.ndarray | None = None) -> dict[str, Any]:
     """``drift.drift_report`` of the ``new_mask`` flows against the ``train_mask`` flows.
 
-    The whole stream is encoded once with ``encoder`` (so every event keeps its
-    entity's earlier records as context), then split by the flow masks. With a
-    ``scorer``, its event scores feed the score-shift check.
+    ``events`` is the whole stream encoded once with the model's encoder (so every
+    event keeps its entity's earlier records as context); the flow masks (n_flows,)
+    split it. ``scores`` (n_events,), the model's scores of those events, feed the
+    score-shift check when given.
     """
     from nadray.drift import drift_report
 
-    events = encoder.transform(flows)
     tr, nw = _event_mask(events, np.asarray(train_mask, bool)), _event_mask(events, np.asarray(new_mask, bool))
     if not tr.any() or not nw.any():
         raise NadrayError(f"drift: needs events on both sides, got {int(tr.sum())} training and {int(nw.sum())} new")
-    scores = scorer.event_scores(events) if scorer is not None else None
     rep = drift_report(
         events.x[tr], events.x[nw], events.feature_names,
         None if scores is None else scores[tr], None if scores is None else scores[nw],

@@ -82,6 +82,10 @@ def _metrics_rows(night: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _num(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
 def render(night: dict[str, Any], images: dict[str, str]) -> str:
     from nadray.report import Code, Image, Table, render_html
 
@@ -126,12 +130,14 @@ def render(night: dict[str, Any], images: dict[str, str]) -> str:
         feats = drift.get("features") or []
         block: list[Any] = [
             ("Drift FLAGGED: " if drift.get("flagged") else "No drift flag: ")
-            + f"max PSI {drift.get('max_psi', float('nan')):.3f} (limit {drift.get('psi_limit')}), "
-            + f"score KS {((drift.get('score_shift') or {}).get('ks') or float('nan')):.3f} "
+            + f"max PSI {_num(drift.get('max_psi'))} (limit {drift.get('psi_limit')}), "
+            + f"score KS {_num((drift.get('score_shift') or {}).get('ks'))} "
             + f"(limit {drift.get('score_shift_limit')}), {drift.get('n_new_entities')} new entities.",
         ]
         if drift.get("reasons"):
             block.append(list(drift["reasons"]))
+        if drift.get("undefined"):
+            block.append(list(drift["undefined"].values()))
         block.append(Table(sorted(feats, key=lambda r: -(r.get("psi") or 0)), ["feature", "psi", "over_limit"],
                            {(i, "psi") for i, r in enumerate(sorted(feats, key=lambda r: -(r.get("psi") or 0)))
                             if r.get("over_limit")}))
@@ -160,7 +166,14 @@ def render(night: dict[str, Any], images: dict[str, str]) -> str:
 
 def write(registry: str, name: str, date: str, night: dict[str, Any], frames: dict[str, Any] | None = None,
           train_scores: dict[str, np.ndarray] | None = None) -> str:
-    """Write plots, ``report.html`` and (last) ``night.json``; return the report's URI."""
+    """Write plots, ``report.html`` and (last) ``night.json``; return the report's URI.
+
+    ``night.json`` is strict JSON: a NaN or +-inf in ``night`` is written as null
+    (``evaluate.jsonable``), never as the ``NaN`` / ``Infinity`` tokens that jq,
+    JavaScript and Go refuse; ``allow_nan=False`` turns any that slips through into
+    an error here rather than in the reader.
+    """
+    from nadray.evaluate import jsonable
     from nadray.report import plot_curves, plot_timelines
 
     dest = night_uri(registry, name, date)
@@ -179,10 +192,12 @@ def write(registry: str, name: str, date: str, night: dict[str, Any], frames: di
                 images["scores"] = "scores.png"
             except Exception as e:  # plots are a convenience; the record must still be written
                 night.setdefault("warnings", []).append(f"plots failed: {type(e).__name__}: {e}")
+        clean = jsonable(night)
+        text = json.dumps(clean, indent=2, sort_keys=True, allow_nan=False)
         with open(os.path.join(tmp, REPORT_HTML), "w", encoding="utf-8") as f:
-            f.write(render(night, images))
+            f.write(render(clean, images))
         for fname in sorted(os.listdir(tmp)):
             with open(os.path.join(tmp, fname), "rb") as f:
                 storage.write_bytes_atomic(storage.join(dest, fname), f.read())
-    storage.write_json_atomic(storage.join(dest, NIGHT_JSON), night)
+    storage.write_bytes_atomic(storage.join(dest, NIGHT_JSON), text.encode("utf-8"))
     return storage.join(dest, REPORT_HTML)
