@@ -315,21 +315,6 @@ def _fill_missing(scores: np.ndarray) -> np.ndarray:
     return scores
 
 
-def _event_flow_pairs(events: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(flow row, event row) pairs: which events a flow's score is the maximum over.
-
-    Flow mode: each event is one (flow, entity). Bin mode: a flow belongs to the
-    entity-bins it fell in (``Events.flow_map``); zero-activity bins have no flow.
-    """
-    if getattr(events, "flow_map", None) is not None:
-        fi, rows = (np.asarray(a, dtype="int64") for a in events.flow_map)
-        ok = (fi >= 0) & (rows >= 0)
-        return fi[ok], rows[ok]
-    fi = np.asarray(events.flow_index, dtype="int64")
-    rows = np.flatnonzero(fi >= 0)
-    return fi[rows], rows
-
-
 def _event_masks(events: Any, masks: SplitMasks, pairs: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """Training events: those of a training flow; zero-activity bins by their time."""
     fi, rows = pairs
@@ -361,7 +346,7 @@ def baseline_scores(
 
     names = baselines or ["isolation_forest", "hgb", "ewma_zscore"]
     n = len(labels)
-    pairs = _event_flow_pairs(events)
+    pairs = events.flow_event_pairs()
     ent = np.asarray(events.entity, dtype=object)
     ev_label = np.asarray(events.label, dtype="float64")
     ev_train = _event_masks(events, masks, pairs)

@@ -344,6 +344,18 @@ class Events:
     def __len__(self) -> int:
         return len(self.x)
 
+    def flow_event_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(flow row, event row) for every event a flow belongs to: in flow mode one per
+        (flow, entity); in bin mode the entity-bins the flow fell in. Zero-activity bins
+        belong to no flow. A flow's score is the highest over its events."""
+        if self.flow_map is not None:
+            fi, rows = (np.asarray(a, dtype="int64") for a in self.flow_map)
+            ok = (fi >= 0) & (rows >= 0)
+            return fi[ok], rows[ok]
+        fi = np.asarray(self.flow_index, dtype="int64")
+        rows = np.flatnonzero(fi >= 0)
+        return fi[rows], rows
+
 
 @dataclass
 class FeatureEncoder:

@@ -199,14 +199,8 @@ class Scorer:
     @staticmethod
     def flow_scores(events: Events, scores: np.ndarray, n_flows: int) -> tuple[np.ndarray, np.ndarray]:
         """Per flow: the highest score among its entities' events, and that entity."""
-        if events.flow_map is not None:
-            fi, rows = events.flow_map
-            ok = (fi >= 0) & (rows >= 0)
-            fi, rows = fi[ok], rows[ok]
-            s, ent = scores[rows], events.entity[rows]
-        else:
-            ok = events.flow_index >= 0
-            fi, s, ent = events.flow_index[ok], scores[ok], events.entity[ok]
+        fi, rows = events.flow_event_pairs()
+        s, ent = scores[rows], events.entity[rows]
         order = np.lexsort((-s, fi))
         fi, s, ent = fi[order], s[order], ent[order]
         first = np.r_[True, fi[1:] != fi[:-1]] if len(fi) else np.zeros(0, bool)
@@ -381,10 +375,7 @@ class Scorer:
                 fb = context._first_bin.setdefault(e, int(first_new[e]))
                 start_bins[e] = max(fb, int(first_new[e]) - keep + 1)
         events = self.encoder.encode(combined, start_bins)
-        if events.flow_map is not None:
-            rows = np.unique(events.flow_map[1][(events.flow_map[0] >= 0) & (events.flow_map[1] >= 0)])
-        else:
-            rows = np.flatnonzero(events.flow_index >= 0)
+        rows = np.unique(events.flow_event_pairs()[1])
         scores = np.zeros(len(events))
         scores[rows] = self.event_scores(events, rows)
         s, e = self.flow_scores(events, scores, flows.num_rows)

@@ -83,22 +83,20 @@ class TrainingData:
 def _event_split_masks(events: Events, splits: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Event-level split masks from the flow-level ones (a bin event belongs to its bin's split)."""
     masks = (splits.train_mask, splits.val_mask, splits.test_mask)
-    if events.flow_map is None:
-        fi = events.flow_index
-        return tuple(m[fi] for m in masks)  # type: ignore[return-value]
-    fi, rows = events.flow_map
+    fi, rows = events.flow_event_pairs()
     out = []
     for m in masks:
         em = np.zeros(len(events), dtype=bool)
         em[rows[m[fi]]] = True
         out.append(em)
     # Zero-activity bins belong to the split of their time: the split whose flows surround them.
-    t_end = int(np.datetime64(splits.boundaries["train_end"].replace("+00:00", ""), "us").astype("int64"))
-    v_end = int(np.datetime64(splits.boundaries["val_end"].replace("+00:00", ""), "us").astype("int64"))
     empty = ~(out[0] | out[1] | out[2])
-    out[0] |= empty & (events.ts < t_end)
-    out[1] |= empty & (events.ts >= t_end) & (events.ts < v_end)
-    out[2] |= empty & (events.ts >= v_end)
+    if empty.any():
+        t_end = int(np.datetime64(splits.boundaries["train_end"].replace("+00:00", ""), "us").astype("int64"))
+        v_end = int(np.datetime64(splits.boundaries["val_end"].replace("+00:00", ""), "us").astype("int64"))
+        out[0] |= empty & (events.ts < t_end)
+        out[1] |= empty & (events.ts >= t_end) & (events.ts < v_end)
+        out[2] |= empty & (events.ts >= v_end)
     # A bin mixing splits (train and val flows in one bin) counts where it ends.
     out[0] &= ~(out[1] | out[2])
     out[1] &= ~out[2]

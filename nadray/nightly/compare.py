@@ -334,14 +334,8 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, cfg: Con
 def _event_mask(events: Any, flow_mask: np.ndarray) -> np.ndarray:
     """Events belonging to the flows of ``flow_mask`` (bin mode: the bins those flows fell in)."""
     out = np.zeros(len(events), dtype=bool)
-    if getattr(events, "flow_map", None) is not None:
-        fi, rows = events.flow_map
-        ok = (fi >= 0) & (rows >= 0)
-        out[rows[ok][flow_mask[fi[ok]]]] = True
-        return out
-    fi = np.asarray(events.flow_index)
-    ok = fi >= 0
-    out[ok] = flow_mask[fi[ok]]
+    fi, rows = events.flow_event_pairs()
+    out[rows[flow_mask[fi]]] = True
     return out
 
 
