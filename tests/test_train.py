@@ -108,3 +108,21 @@ def test_entity_scales_judge_each_host_by_its_own_error_shrunk_toward_the_popula
     assert s["entities"]["a"] == pytest.approx((27.0 + 5 * g) / 8)  # pulled toward g: few events
     assert s["entities"]["b"] == pytest.approx((100.0 + 5 * g) / 105)  # mostly its own
     assert 1.0 < s["entities"]["b"] < s["entities"]["a"] < 9.0
+
+
+def test_error_normalizer_floors_features_that_hardly_vary_in_training():
+    """A feature constant in training (its predictions off by ~1e-3) must not get a divisor
+    of ~1e-6, which would let that wobble outweigh every real change; varying features
+    keep their own mean error."""
+    from nadray.train import VAR_FLOOR, error_normalizer
+
+    rng = np.random.default_rng(0)
+    x = np.column_stack([rng.normal(size=500), rng.normal(size=500), np.zeros(500)])
+    sq = np.column_stack([np.full(500, 0.6), np.full(500, 0.8), np.full(500, 1e-6)])
+    norm = error_normalizer(sq, x)
+    floor = VAR_FLOOR * x.var(axis=0).mean()
+    assert norm[0] == pytest.approx(0.6) and norm[1] == pytest.approx(0.8)
+    assert norm[2] == pytest.approx(floor) and norm[2] > 1e3 * 1e-6
+    # A real change in the constant feature (a share going from 1 to 0) still stands out.
+    assert 1.0 / norm[2] > 100 * (0.6 / norm[0])
+    assert np.array_equal(error_normalizer(np.zeros((0, 3)), np.zeros((0, 3))), np.ones(3))
