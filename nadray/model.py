@@ -12,8 +12,7 @@ Two heads:
   continuous and one-hot alike: the one-hots are small, bounded targets, and a
   single per-feature squared error keeps the score a plain sum of per-feature
   surprises (each divided by its mean on the training set, so no feature
-  dominates by scale; floored, ``train.VAR_FLOOR``, so that a feature which
-  hardly varies in training cannot dominate by its tiny divisor). Cross-entropy per categorical group would be slightly
+  dominates by scale). Cross-entropy per categorical group would be slightly
   sharper but makes the score a mix of units.
 - **classifier**: from the hidden state after event i (step L), the logit of
   P(malicious).
@@ -120,7 +119,7 @@ def combine_scores(
     """The anomaly score per event from the two heads' outputs (higher = more anomalous).
 
     sqerr : (n, F) per-feature squared prediction errors; logit : (n,);
-    err_norm : (F,) mean squared error per feature on the training set (floored: ``train.error_normalizer``);
+    err_norm : (F,) mean squared error per feature on the training set;
     z : {"err_mean", "err_std", "logit_mean", "logit_std"} from benign validation (hybrid).
     """
     sqerr = np.asarray(sqerr, dtype="float64")

@@ -512,7 +512,8 @@ def finalize(data: TrainingData, model: Any, cfg: Config, history: list[dict[str
     scorer = Scorer(model, data.encoder, Threshold(0.0), meta={}, version="unregistered")
     sq, lg = scorer.event_outputs(ev)
     fit_events = np.intersect1d(data.train_idx, np.flatnonzero(data.pred_mask))
-    scorer.err_norm = error_normalizer(sq[fit_events], ev.x[fit_events])
+    err_norm = sq[fit_events].mean(axis=0) if len(fit_events) else np.ones(sq.shape[1])
+    scorer.err_norm = np.maximum(err_norm.astype("float64"), 1e-8)
     y = ev.label
     ref = data.val_idx[y[data.val_idx] == 0] if np.any(y[data.val_idx] == 0) else data.val_idx
     err = combine_scores(sq[ref], lg[ref], "unsupervised", scorer.err_norm)
@@ -536,27 +537,6 @@ def finalize(data: TrainingData, model: Any, cfg: Config, history: list[dict[str
         metrics["best_epoch"] = int(np.argmin([h["val_loss"] for h in history]))
     return scorer, flow_s, metrics, scores
 
-
-# Each feature's squared error is divided by its mean on the training events, floored
-# at this fraction of the features' average training variance (the classic 1%
-# variance floor of Gaussian acoustic models). Without it, a feature that hardly
-# varies in training (bytes and durations a data set does not record, a protocol
-# share that is always 1) has a normaliser near 1e-4, and the model's small wobble
-# in predicting it outweighs every real change: measured on cs448b, such features
-# made most of the highest daily scores.
-VAR_FLOOR = 0.01
-
-
-def error_normalizer(sq: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Per-feature divisor of squared prediction errors: the mean on the training events,
-    floored at ``VAR_FLOOR`` times the features' average training variance.
-
-    sq : (n, F) squared errors of the training events; x : (n, F) their features.
-    """
-    if len(sq) == 0:
-        return np.ones(sq.shape[1])
-    floor = VAR_FLOOR * float(np.asarray(x, dtype="float64").var(axis=0).mean())
-    return np.maximum(np.asarray(sq, dtype="float64").mean(axis=0), max(floor, 1e-8))
 
 # Pseudo-events of the global mean error added to each entity's own: a host seen a
 # handful of times in training is judged mostly by the population, not by noise.

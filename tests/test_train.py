@@ -110,19 +110,22 @@ def test_entity_scales_judge_each_host_by_its_own_error_shrunk_toward_the_popula
     assert 1.0 < s["entities"]["b"] < s["entities"]["a"] < 9.0
 
 
-def test_error_normalizer_floors_features_that_hardly_vary_in_training():
-    """A feature constant in training (its predictions off by ~1e-3) must not get a divisor
-    of ~1e-6, which would let that wobble outweigh every real change; varying features
-    keep their own mean error."""
-    from nadray.train import VAR_FLOOR, error_normalizer
+@pytest.mark.timeout(300)
+def test_default_lstm_at_least_isolation_forest_on_the_stratosphere_labelled_log(ray_session, shared_data, tmp_path):
+    """The default config on the Stratosphere CTU-SME-11 labelled Zeek log (RemcosRAT
+    exfiltration, 766 flows, time split 60/20/20). Measured on seeds 0-2: LSTM ROC-AUC
+    0.997 and PR-AUC 1.0, IsolationForest 0.84-0.87 and 0.986-0.989. A score change that
+    dampens the rare one-hot columns (a 1% variance floor on the error divisors, tried
+    and rejected) dropped the LSTM to 0.87 / 0.97 on seed 0: this floor catches it."""
+    from nadray.ingest import ingest
+    from nadray.train import train
 
-    rng = np.random.default_rng(0)
-    x = np.column_stack([rng.normal(size=500), rng.normal(size=500), np.zeros(500)])
-    sq = np.column_stack([np.full(500, 0.6), np.full(500, 0.8), np.full(500, 1e-6)])
-    norm = error_normalizer(sq, x)
-    floor = VAR_FLOOR * x.var(axis=0).mean()
-    assert norm[0] == pytest.approx(0.6) and norm[1] == pytest.approx(0.8)
-    assert norm[2] == pytest.approx(floor) and norm[2] > 1e3 * 1e-6
-    # A real change in the constant feature (a share going from 1 to 0) still stands out.
-    assert 1.0 / norm[2] > 100 * (0.6 / norm[0])
-    assert np.array_equal(error_normalizer(np.zeros((0, 3)), np.zeros((0, 3))), np.ones(3))
+    log = shared_data / "stratosphere_slips_testdata" / "test18-malicious-ctu-sme-11-win" / "zeek-labeled" / \
+        "conn.log.labeled"
+    archive = str(tmp_path / "archive")
+    assert ingest([str(log)], archive).archived == 766
+    ev = train(archive, str(tmp_path / "registry"), load_config(None, [])).metrics["evaluate"]
+    lstm, iso = ev["lstm"], ev["isolation_forest"]
+    assert lstm["n_labelled"] == 154 and lstm["n_malicious"] == 146
+    assert lstm["roc_auc"] >= max(0.95, iso["roc_auc"]), (lstm["roc_auc"], iso["roc_auc"])
+    assert lstm["pr_auc"] >= iso["pr_auc"], (lstm["pr_auc"], iso["pr_auc"])
