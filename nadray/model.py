@@ -12,7 +12,9 @@ Two heads:
   continuous and one-hot alike: the one-hots are small, bounded targets, and a
   single per-feature squared error keeps the score a plain sum of per-feature
   surprises (each divided by its mean on the training set, so no feature
-  dominates by scale). Cross-entropy per categorical group would be slightly
+  dominates by scale; a feature that never varied in training is predicted as
+  its constant, ``Scorer.constant_features``, so only real departures count).
+  Cross-entropy per categorical group would be slightly
   sharper but makes the score a mix of units.
 - **classifier**: from the hidden state after event i (step L), the logit of
   P(malicious).

@@ -122,6 +122,9 @@ class Scorer:
         self.z = dict(z or {})
         # {"global": g, "entities": {entity: typical error}} (train.entity_scales); None = off.
         self.entity_scale: dict[str, Any] | None = None
+        # Features that never varied in training ({index: value}): predicted as that value,
+        # so only a real departure from it counts, not the network's wobble around it.
+        self.constant_features: dict[int, float] = {}
         self.version = version or meta.get("version") or "unregistered"
         self._torch = torch
         self._online: OnlineFlowEncoder | None = None
@@ -152,6 +155,13 @@ class Scorer:
                     and float(scale.get("global", 0)) > 0):
                 raise NadrayError(f"model {ref}: checkpoint field 'entity_scale' is malformed")
             scorer.entity_scale = scale
+        const = meta.get("constant_features") or {}
+        try:
+            scorer.constant_features = {int(k): float(v) for k, v in const.items()}
+        except (AttributeError, TypeError, ValueError):
+            raise NadrayError(f"model {ref}: checkpoint field 'constant_features' is malformed") from None
+        if any(not 0 <= k < args.n_features for k in scorer.constant_features):
+            raise NadrayError(f"model {ref}: checkpoint field 'constant_features' names a feature out of range")
         return scorer
 
     def set_threshold(self, value: float) -> None:
@@ -177,7 +187,15 @@ class Scorer:
                 pred, logit = self.model(w)
                 sq[lo:lo + len(w)] = squared_errors(pred, w).numpy()
                 lg[lo:lo + len(w)] = logit.numpy()
-        return sq, lg
+        return self.constant_errors(sq, events.x[idx]), lg
+
+    def constant_errors(self, sq: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """``sq`` with each constant feature's error taken against its training value."""
+        if self.constant_features:
+            js = np.fromiter(self.constant_features, dtype="int64")
+            vals = np.array([self.constant_features[j] for j in js], dtype="float32")
+            sq[:, js] = (x[:, js] - vals) ** 2
+        return sq
 
     def combine(self, sqerr: np.ndarray, logit: np.ndarray) -> np.ndarray:
         return combine_scores(sqerr, logit, self.args.objective, self.err_norm, self.z)

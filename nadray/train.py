@@ -513,7 +513,11 @@ def finalize(data: TrainingData, model: Any, cfg: Config, history: list[dict[str
     sq, lg = scorer.event_outputs(ev)
     fit_events = np.intersect1d(data.train_idx, np.flatnonzero(data.pred_mask))
     err_norm = sq[fit_events].mean(axis=0) if len(fit_events) else np.ones(sq.shape[1])
+    # The divisor keeps the network's own error on a constant feature (tiny), so a real
+    # departure from the constant stands out as much as before; the wobble itself goes.
     scorer.err_norm = np.maximum(err_norm.astype("float64"), 1e-8)
+    scorer.constant_features = constant_features(ev.x[fit_events])
+    sq = scorer.constant_errors(sq, ev.x)
     y = ev.label
     ref = data.val_idx[y[data.val_idx] == 0] if np.any(y[data.val_idx] == 0) else data.val_idx
     err = combine_scores(sq[ref], lg[ref], "unsupervised", scorer.err_norm)
@@ -536,6 +540,26 @@ def finalize(data: TrainingData, model: Any, cfg: Config, history: list[dict[str
     if history:
         metrics["best_epoch"] = int(np.argmin([h["val_loss"] for h in history]))
     return scorer, flow_s, metrics, scores
+
+
+def scoring_meta(scorer: Any) -> dict[str, Any]:
+    """What ``finalize`` fitted besides the weights, as the checkpoint stores it: every
+    registration writes all of it, so a loaded version scores exactly as it was evaluated."""
+    return {
+        "err_norm": [float(v) for v in scorer.err_norm],
+        "score_z": scorer.z,
+        "entity_scale": scorer.entity_scale,
+        "constant_features": {str(k): v for k, v in scorer.constant_features.items()},
+        "threshold": scorer.threshold.to_dict(),
+    }
+
+
+def constant_features(x: np.ndarray) -> dict[int, float]:
+    """{feature index: value} of the features that take a single value on the training events."""
+    if len(x) == 0:
+        return {}
+    same = np.all(x == x[0], axis=0)
+    return {int(j): float(x[0, j]) for j in np.flatnonzero(same)}
 
 
 # Pseudo-events of the global mean error added to each entity's own: a host seen a
@@ -602,10 +626,7 @@ def register_fitted(archive: str, registry: str, cfg: Config, data: TrainingData
         "config": cfg.to_dict(),
         "model_args": fitted.model.args.to_dict(),
         "encoder": data.encoder.to_dict(),
-        "err_norm": [float(v) for v in scorer.err_norm],
-        "score_z": scorer.z,
-        "entity_scale": scorer.entity_scale,
-        "threshold": scorer.threshold.to_dict(),
+        **scoring_meta(scorer),
         "data_range": {
             "archive": str(archive), "all": data_range(splits.flows),
             **{s: data_range(splits.flows, getattr(splits, f"{s}_mask")) for s in ("train", "val", "test")},

@@ -98,3 +98,31 @@ def test_map_batches_adapter(iot):
     out = sc(batch)
     assert set(OUTPUT_COLUMNS) <= set(out) and len(out["score"]) == iot.num_rows
     np.testing.assert_allclose(out["score"], sc.score_table(iot).score, rtol=1e-6)
+
+
+def test_constant_features_count_departures_not_wobble(iot):
+    """A feature that never varied in training is predicted as its value: the network's
+    wobble around it adds nothing, a departure from it still counts in full."""
+    from nadray.train import constant_features
+
+    cfg = load_config(None, ["data.sequence_length=4", "data.context_window=4", "model.hidden_size=8"])
+    sc = make_scorer(iot, cfg)
+    ev = sc.encoder.transform(iot)
+    const = constant_features(ev.x)
+    assert const, "expected some feature (an '=other' column) to be constant on these captures"
+    j = next(iter(const))
+    raw_sq, _ = sc.event_outputs(ev)
+    assert raw_sq[:, j].max() > 0  # the untrained network does not predict it exactly
+    sc.constant_features = const
+    sq, _ = sc.event_outputs(ev)
+    js = list(const)
+    assert (sq[:, js] == 0).all()
+    others = [k for k in range(sq.shape[1]) if k not in const]
+    np.testing.assert_array_equal(sq[:, others], raw_sq[:, others])
+    ev.x[5, j] = const[j] + 1.0  # the event departs from the constant
+    sq2, _ = sc.event_outputs(ev, np.array([5]))
+    assert sq2[0, j] == pytest.approx(1.0)
+    # Online replay still equals batch scoring with the constants in place.
+    batch = sc.score_table(iot)
+    online, _ = replay(sc, iot, batch=37)
+    np.testing.assert_allclose(online.score.to_numpy(), batch.score.to_numpy(), rtol=1e-5, atol=1e-6)
