@@ -220,7 +220,7 @@ def _ts_array(flows: Any) -> np.ndarray:
     return ts.dt.tz_localize(None).to_numpy().astype("datetime64[us]")
 
 
-def _flow_frame(flows_all: Any):
+def flow_frame(flows_all: Any):
     """The columns evaluation needs, one row per flow, labels as float (NaN unknown)."""
     import pandas as pd
 
@@ -396,7 +396,7 @@ def score_split(
     from nadray.config import Config
 
     cfg = cfg or Config()
-    flows = _flow_frame(flows_all)
+    flows = flow_frame(flows_all)
     masks = split_masks(flows_all, split, cfg)
     if not masks.train.any() or not masks.val.any() or not masks.test.any():
         counts = {s: int(getattr(masks, s).sum()) for s in ("train", "val", "test")}

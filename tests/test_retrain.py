@@ -87,6 +87,16 @@ def test_night_registers_a_champion_and_reports_the_refused_file(night1):
     # The version is tagged with the night.
     meta = json.loads((Path(reg.version_uri(registry, champ["version"])) / reg.META).read_text())
     assert meta["night"]["date"] == "2018-10-04" and meta["night"]["key"] == night["key"]
+    # Loaded from the registry, it scores the window exactly as the challenger the night
+    # evaluated and promoted (every fitted part of the scorer was registered).
+    from nadray.evaluate import flow_frame
+
+    flows = arc.read_flows(archive)
+    splits, tcfg, _ = compare.plan_split(flows, cfg)
+    loaded = compare.score_champion(registry, champ["version"], splits, tcfg, flow_frame(splits.flows))
+    evaluated = night["comparison"]["detectors"]["challenger"]
+    for key in ("roc_auc", "pr_auc", "precision", "recall", "fpr"):
+        assert loaded.metrics[key] == pytest.approx(evaluated[key], abs=1e-9), key
 
 
 def test_the_same_night_again_is_a_no_op(night1, capsys):

@@ -211,15 +211,14 @@ def register_challenger(registry: str, ch: Challenger, night: dict[str, Any]) ->
     """Register the challenger as a version (never the champion), tagged with the night."""
     from nadray import registry as reg
     from nadray.data import data_range
+    from nadray.train import scoring_meta
 
     sp, scorer = ch.data.splits, ch.scorer
     meta = {
         "config": ch.cfg.to_dict(),
         "model_args": scorer.model.args.to_dict(),
         "encoder": ch.data.encoder.to_dict(),
-        "err_norm": [float(v) for v in scorer.err_norm],
-        "score_z": scorer.z,
-        "threshold": scorer.threshold.to_dict(),
+        **scoring_meta(scorer),
         "data_range": {
             "all": data_range(sp.flows),
             **{s: data_range(sp.flows, getattr(sp, f"{s}_mask")) for s in ("train", "val", "test")},
