@@ -59,13 +59,17 @@ def sort_flows(table: pa.Table) -> pa.Table:
     return table.sort_by([(c, "ascending") for c in TIME_ORDER])
 
 
-def read_dataset(archive: str, start: Any = None, end: Any = None):
-    """The archive's partitions overlapping [start, end) as a Ray Dataset (partition pruning)."""
+def read_dataset(archive: str, start: Any = None, end: Any = None, paths: list[str] | None = None):
+    """The archive's partitions overlapping [start, end) as a Ray Dataset (partition pruning).
+
+    ``paths``: ``archive.dataset_paths`` for the same range, when the caller listed them already.
+    """
     import ray
 
     from nadray import archive as archive_mod
 
-    paths = archive_mod.dataset_paths(archive, start, end)
+    if paths is None:
+        paths = archive_mod.dataset_paths(archive, start, end)
     if not paths:
         return None
     fs, _ = storage.arrow_fs(paths[0])
@@ -96,7 +100,7 @@ def load_flows(archive: str, cfg: Config, start: Any = None, end: Any = None) ->
         table = archive_mod.read_flows(archive, s, e, paths=paths)
     else:
         ensure_ray()
-        ds = read_dataset(archive, s, e)
+        ds = read_dataset(archive, s, e, paths=paths)
         tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
         table = pa.concat_tables([t.select(FLOW_COLUMNS).cast(FLOW_SCHEMA) for t in tables]) if tables else \
             FLOW_SCHEMA.empty_table()

@@ -402,6 +402,8 @@ def score_split(
         counts = {s: int(getattr(masks, s).sum()) for s in ("train", "val", "test")}
         raise InputError(f"split: every split needs rows, got {counts}")
     keys = _keys(flows_all)
+    if events is None and encoder is None and hasattr(scorer, "event_scores"):
+        events = scorer.encoder.transform(flows_all)  # one encoding for the LSTM and the baselines
     detectors: dict[str, DetectorScores] = {}
     if scorer is not None:
         detectors[LSTM] = _lstm_scores(scorer, flows_all, keys, events, event_scores)

@@ -187,14 +187,16 @@ class Scorer:
                 pred, logit = self.model(w)
                 sq[lo:lo + len(w)] = squared_errors(pred, w).numpy()
                 lg[lo:lo + len(w)] = logit.numpy()
-        return self.constant_errors(sq, events.x[idx]), lg
+        return self.constant_errors(sq, events.x, idx), lg
 
-    def constant_errors(self, sq: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """``sq`` with each constant feature's error taken against its training value."""
+    def constant_errors(self, sq: np.ndarray, x: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
+        """``sq`` (rows ``idx`` of ``x``, default all) with each constant feature's error taken
+        against its training value."""
         if self.constant_features:
             js = np.fromiter(self.constant_features, dtype="int64")
             vals = np.array([self.constant_features[j] for j in js], dtype="float32")
-            sq[:, js] = (x[:, js] - vals) ** 2
+            cols = x[:, js] if idx is None else x[np.ix_(idx, js)]
+            sq[:, js] = (cols - vals) ** 2
         return sq
 
     def combine(self, sqerr: np.ndarray, logit: np.ndarray) -> np.ndarray:

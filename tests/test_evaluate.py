@@ -291,25 +291,15 @@ def test_cs448b_ewma_baseline_on_the_real_data(shared_data):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_cs448b_lstm_end_to_end_quality_floor(ray_session, tmp_path):
     """The founding experiment as the demo runs it (bundled data, default seed 0): train on
     July, score August-September. Measured: host ROC-AUC 0.96 (0.92-0.96 on seeds 0-2),
     two clean hosts alerting against the z-score's three. The floor catches a return to
     the 0.84-0.88 the model read before constant-feature prediction."""
-    from nadray import datasets
-    from nadray.archive import read_flows
-    from nadray.config import load_config
-    from nadray.ingest import ingest
-    from nadray.nightly.demo import CS448B_OVERRIDES
-    from nadray.scorer import Scorer
-    from nadray.train import train
+    from nadray.nightly.demo import cs448b_experiment as demo_experiment
 
-    archive, reg = str(tmp_path / "archive"), str(tmp_path / "registry")
-    assert ingest([str(datasets.path("cs448b_ipasn"))], archive).ok
-    cfg = load_config(None, CS448B_OVERRIDES)
-    train(archive, reg, cfg)
-    flows = read_flows(archive)
-    res = cs448b_experiment(Scorer.from_ref(reg, cfg.registry.name).score_table(flows), flows=flows)
+    res = demo_experiment(str(tmp_path))
     lstm, z = res["lstm"], res["ewma_zscore"]
     assert lstm["host_roc_auc"] >= 0.9, lstm["ranking"]
     assert lstm["clean_hosts_alerting"] <= z["clean_hosts_alerting"], (lstm["clean_alerting"], z["clean_alerting"])

@@ -195,8 +195,6 @@ def evaluate_challenger(ch: Challenger, splits: Any) -> None:
     from nadray.evaluate import flow_metrics, model_meta, score_split, summarize
 
     cfg, scorer = ch.cfg, ch.scorer
-    if ch.event_scores is None:
-        ch.event_scores = scorer.event_scores(ch.data.events)
     ev = score_split(scorer, splits.flows, splits, cfg, events=ch.data.events, event_scores=ch.event_scores)
     results = summarize(ev, model_meta(scorer))
     lstm = ev.detectors["lstm"]
