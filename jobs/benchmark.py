@@ -1,6 +1,6 @@
 """Benchmarks against same-run baselines: ingest, batch scoring, Serve, Ray Train, memory.
 
-    python jobs/benchmark.py [--quick | --smoke] [--json FILE] [--check-floors] [--only STAGE,...]
+    python jobs/benchmark.py [--quick | --smoke] [--json FILE] [--check-floors] [--only STAGE,...] [--gpu]
     ray job submit --working-dir . -- python jobs/benchmark.py --quick --json bench.json
 
 Joins ``RAY_ADDRESS`` or starts an embedded Ray (``nadray.runtime.ensure_ray``).
@@ -68,7 +68,7 @@ def _env() -> None:
 
 
 def run(mode: str = "quick", stages: list[str] | None = None, command: str | None = None,
-        data: str | None = None) -> dict:
+        data: str | None = None, gpu: bool = False) -> dict:
     """Run the stages of ``mode`` and return the result document (see BENCHMARKS.md)."""
     _env()
     from nadray.bench import data as bd
@@ -104,7 +104,7 @@ def run(mode: str = "quick", stages: list[str] | None = None, command: str | Non
                        batch_score_vs_isolation_forest_end_to_end=r["batch_score_vs_isolation_forest_end_to_end"],
                        batch_score_peak_rss_mb=r["peak_rss_mb"])
         if "train" in stages:
-            r = out["stages"]["train"] = st.bench_train(base, sz["train_flows"], sz["train_windows"], sz["epochs"], tmp)
+            r = out["stages"]["train"] = st.bench_train(base, sz["train_flows"], sz["train_windows"], sz["epochs"], tmp, use_gpu=gpu)
             out.update(train_steps_per_s=r["train_steps_per_s"], train_ray_vs_plain_torch=r["train_ray_vs_plain_torch"],
                        train_peak_rss_mb=r["peak_rss_mb"])
         if "serve" in stages:
@@ -171,7 +171,7 @@ def table(out: dict) -> str:
         row(f"serve bytes/entity ({r['context_entities']} ents)", r["serve_bytes_per_entity"])
     if "train" in s:
         r = s["train"]
-        row(f"train steps/s (batch {r['batch_size']})", r["train_steps_per_s"], f"plain torch {_f(r['plain_torch_steps_per_s'])}",
+        row(f"train steps/s (batch {r['batch_size']}{', GPU' if r.get('use_gpu') else ''})", r["train_steps_per_s"], f"plain torch {_f(r['plain_torch_steps_per_s'])}",
             r["train_ray_vs_plain_torch"])
         row("train wall s incl. Ray start", r["ray_fit_wall_s"], f"plain torch {_f(r['plain_wall_s'])}", r["ray_wall_vs_plain_wall"])
     for name, r in s.items():
@@ -191,15 +191,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     p.add_argument("--check-floors", action="store_true", help="exit 1 when a floor fails")
     p.add_argument("--only", help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--gpu", action="store_true",
+                   help="train stage on one GPU worker (train.use_gpu=true), plain torch on the same GPU")
     p.add_argument("--data", metavar="DIR", help="IoT-23-style Zeek CSVs to replicate (default: the bundled ones)")
     a = p.parse_args(argv)
     mode = "smoke" if a.smoke else "quick" if a.quick else "full"
     stages = a.only.split(",") if a.only else None
     if stages and set(stages) - set(STAGES):
         p.error(f"--only: unknown stage(s) {sorted(set(stages) - set(STAGES))}")
+    if a.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--gpu: torch sees no CUDA device on this machine")
     t0 = time.perf_counter()
     out = run(mode, stages, command=" ".join(["python", "jobs/benchmark.py", *(sys.argv[1:] if argv is None else argv)]),
-              data=a.data)
+              data=a.data, gpu=a.gpu)
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     print(table(out), flush=True)
     print(f"\nwall {out['wall_s']} s", flush=True)

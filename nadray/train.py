@@ -154,12 +154,12 @@ def _losses(model, windows, y, pred_m, cls_m, objective: str, pos_weight: float)
         loss = loss + sq[pred_m].mean()
     if objective in ("supervised", "hybrid") and cls_m.any():
         loss = loss + F.binary_cross_entropy_with_logits(
-            logit[cls_m], y[cls_m], pos_weight=torch.tensor(pos_weight, dtype=windows.dtype))
+            logit[cls_m], y[cls_m], pos_weight=torch.tensor(pos_weight, dtype=windows.dtype, device=windows.device))
     return loss, sq, logit
 
 
 def train_step(model, optimizer, scheduler, batch, objective: str, pos_weight: float, grad_clip: float):
-    """One optimisation step; returns (loss, per-feature squared errors of benign targets)."""
+    """One optimisation step; returns (loss, per-feature squared errors of benign targets, on the CPU)."""
     import torch
 
     model.train()
@@ -170,26 +170,26 @@ def train_step(model, optimizer, scheduler, batch, objective: str, pos_weight: f
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     scheduler.step()
-    return float(loss.detach()), sq.detach()[pred_m]
+    return float(loss.detach()), sq.detach()[pred_m].cpu()
 
 
 def eval_step(model, batch, objective: str, pos_weight: float):
-    """Loss, squared errors and logits of a batch, without gradients."""
+    """Loss, squared errors and logits of a batch (on the CPU), without gradients."""
     import torch
 
     model.eval()
     windows, y, pred_m, cls_m = batch
     with torch.no_grad():
         loss, sq, logit = _losses(model, windows, y, pred_m, cls_m, objective, pos_weight)
-    return float(loss), sq, logit
+    return float(loss), sq.cpu(), logit.cpu()
 
 
-def _batch(arrays: dict[str, np.ndarray], idx: np.ndarray, L: int):
+def _batch(arrays: dict[str, np.ndarray], idx: np.ndarray, L: int, device: Any = "cpu"):
     import torch
 
     w = make_windows(arrays["x"], arrays["group_start"], idx, L)
-    return (torch.from_numpy(w), torch.from_numpy(np.nan_to_num(arrays["label"][idx], nan=0.0)),
-            torch.from_numpy(arrays["pred_mask"][idx]), torch.from_numpy(arrays["cls_mask"][idx]))
+    parts = (w, np.nan_to_num(arrays["label"][idx], nan=0.0), arrays["pred_mask"][idx], arrays["cls_mask"][idx])
+    return tuple(torch.from_numpy(a).to(device) for a in parts)
 
 
 def _val_metrics(arrays, sq: np.ndarray, logit: np.ndarray, objective: str, err_norm: np.ndarray) -> dict[str, Any]:
@@ -283,6 +283,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()  # Ray: who am I
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()  # Ray: this worker's GPU with train.use_gpu, else the CPU
     torch.manual_seed(tc.seed)
     torch.set_num_threads(max(1, int(round(tc.cpus_per_worker))))
 
@@ -326,7 +327,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         mine = mine[rng.permutation(len(mine))]
         losses, sq_sum, sq_n = [], np.zeros(args.n_features), 0
         for s in range(steps):
-            b = _batch(arrays, mine[s * tc.batch_size:(s + 1) * tc.batch_size], L)
+            b = _batch(arrays, mine[s * tc.batch_size:(s + 1) * tc.batch_size], L, device)
             loss, sq = train_step(model, optimizer, scheduler, b, objective, config["pos_weight"], tc.grad_clip)
             losses.append(loss)
             sq_sum += sq.sum(0).numpy()
@@ -338,7 +339,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         val_idx = arrays["val_idx"]
         v_losses, v_sq, v_lg = [], [], []
         for lo in range(0, len(val_idx), 4096):
-            b = _batch(arrays, val_idx[lo:lo + 4096], L)
+            b = _batch(arrays, val_idx[lo:lo + 4096], L, device)
             loss, sq, lg = eval_step(model, b, objective, config["pos_weight"])
             v_losses.append(loss * len(b[0]))
             v_sq.append(sq.numpy())

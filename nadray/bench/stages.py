@@ -406,7 +406,7 @@ class _Ctx:
         return 0
 
 
-def plain_loop(config: dict) -> list[float]:
+def plain_loop(config: dict, use_gpu: bool = False) -> list[float]:
     """The same ``train_loop_per_worker`` in this process: only the ``ray.train`` calls are stand-ins."""
     import ray.train
     import ray.train.torch
@@ -414,17 +414,20 @@ def plain_loop(config: dict) -> list[float]:
 
     from nadray.train import train_loop_per_worker
 
+    device = torch.device("cuda:0" if use_gpu else "cpu")
     stamps: list[float] = []
-    saved = (ray.train.report, ray.train.get_context, ray.train.get_checkpoint, ray.train.torch.prepare_model)
+    mod = ray.train.torch
+    saved = (ray.train.report, ray.train.get_context, ray.train.get_checkpoint, mod.prepare_model, mod.get_device)
     ray.train.report = lambda metrics, checkpoint=None, **kw: stamps.append(time.perf_counter())
     ray.train.get_context = lambda: _Ctx()
     ray.train.get_checkpoint = lambda: None
-    ray.train.torch.prepare_model = lambda model, **kw: model
+    mod.prepare_model = lambda model, **kw: model.to(device)
+    mod.get_device = lambda: device
     old = torch.get_num_threads()
     try:
         train_loop_per_worker(config)
     finally:
-        ray.train.report, ray.train.get_context, ray.train.get_checkpoint, ray.train.torch.prepare_model = saved
+        ray.train.report, ray.train.get_context, ray.train.get_checkpoint, mod.prepare_model, mod.get_device = saved
         torch.set_num_threads(old)
     return stamps
 
@@ -437,7 +440,8 @@ def _steady(stamps: list[float], steps_per_epoch: int) -> float:
 
 
 @_stage
-def bench_train(base: pa.Table, n_flows: int, windows: int, epochs: int, tmp: str) -> dict[str, Any]:
+def bench_train(base: pa.Table, n_flows: int, windows: int, epochs: int, tmp: str,
+                use_gpu: bool = False) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from nadray.config import Config
@@ -446,7 +450,7 @@ def bench_train(base: pa.Table, n_flows: int, windows: int, epochs: int, tmp: st
 
     cfg = Config()
     cfg.train.max_epochs, cfg.train.patience, cfg.train.max_windows = epochs, epochs + 1, windows
-    cfg.train.num_workers, cfg.train.cpus_per_worker = 1, 1.0
+    cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.use_gpu = 1, 1.0, use_gpu
     cfg.data.train_fraction, cfg.data.val_fraction = 0.8, 0.05  # validation runs every epoch: keep it small
     flows = replicate_flows(base, n_flows)
     t_prep, data = timed(prepare_training_data, flows, cfg)
@@ -454,7 +458,7 @@ def bench_train(base: pa.Table, n_flows: int, windows: int, epochs: int, tmp: st
     trainer = build_trainer(data, cfg, {"storage_path": os.path.join(tmp, "train-runs"), "name": "bench-train"})
     loop_cfg = trainer.train_loop_config
     # Plain torch first, then Ray Train, then plain torch again: the baseline brackets the Ray run.
-    t_a, plain_a = timed(plain_loop, loop_cfg)
+    t_a, plain_a = timed(plain_loop, loop_cfg, use_gpu)
     ray_trainer = TorchTrainer(timed_loop, train_loop_config=loop_cfg, scaling_config=trainer.scaling_config,
                                run_config=trainer.run_config)
     with releasing_leaked_placement_groups():  # Ray Train 2.60 leaks them without a dashboard
@@ -462,11 +466,11 @@ def bench_train(base: pa.Table, n_flows: int, windows: int, epochs: int, tmp: st
     if result.error:
         raise RuntimeError(f"Ray Train run failed: {result.error}")
     ray_stamps = result.metrics["bench_report_times"]
-    t_b, plain_b = timed(plain_loop, loop_cfg)
+    t_b, plain_b = timed(plain_loop, loop_cfg, use_gpu)
     ray_rate = _steady(ray_stamps, steps)
     plain_rate = statistics.mean([_steady(plain_a, steps), _steady(plain_b, steps)])
     return {"flows": n_flows, "events": len(data.events), "train_windows_per_epoch": min(len(data.train_idx), windows),
-            "steps_per_epoch": steps, "epochs": len(ray_stamps), "batch_size": cfg.train.batch_size,
+            "steps_per_epoch": steps, "epochs": len(ray_stamps), "batch_size": cfg.train.batch_size, "use_gpu": use_gpu,
             "prepare_s": t_prep, "train_steps_per_s": ray_rate, "plain_torch_steps_per_s": plain_rate,
             "train_ray_vs_plain_torch": ray_rate / plain_rate, "ray_fit_wall_s": t_ray,
             "plain_wall_s": (t_a + t_b) / 2, "ray_wall_vs_plain_wall": ((t_a + t_b) / 2) / t_ray}
