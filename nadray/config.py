@@ -91,6 +91,8 @@ class TrainConfig:
     patience: int = 3
     # Ray Train workers; on a cluster, more workers and use_gpu=true.
     num_workers: int = 1
+    # One GPU per worker. An embedded Ray without GPUs refuses it at once rather than
+    # wait forever; a cluster may add GPU nodes (train.check_gpus).
     use_gpu: bool = False
     # CPUs per worker; fractional values let tests share 2 cores with data tasks.
     cpus_per_worker: float = 1.0

@@ -37,7 +37,7 @@ import pyarrow as pa
 
 from nadray import placement
 from nadray.config import Config, config_from_dict
-from nadray.errors import NadrayError
+from nadray.errors import ConfigError, NadrayError
 from nadray.features import Events, FeatureEncoder, make_windows
 
 log = logging.getLogger("nadray.train")
@@ -419,6 +419,7 @@ def build_trainer(data: TrainingData | dict[str, Any], cfg: Config, run_config_o
         "checkpoint_config": CheckpointConfig(num_to_keep=2),
         **over,
     })
+    check_gpus(cfg)
     loop_config = _loop_config(data, cfg)
     if init_weights is not None:
         import ray
@@ -431,6 +432,28 @@ def build_trainer(data: TrainingData | dict[str, Any], cfg: Config, run_config_o
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=run_config,
     )
+
+
+def check_gpus(cfg: Config) -> None:
+    """Fail fast where ``train.use_gpu=true`` can never be met.
+
+    Ray Train waits for resources it is asked for, so an embedded Ray without GPUs
+    would hang. A cluster (``RAY_ADDRESS``) may add GPU nodes through its
+    autoscaler: there this is only a warning.
+    """
+    if not cfg.train.use_gpu:
+        return
+    import ray
+
+    have, need = float(ray.cluster_resources().get("GPU", 0.0)), cfg.train.num_workers
+    if have >= need:
+        return
+    msg = (f"train.use_gpu=true needs one GPU per worker (train.num_workers={need}), "
+           f"but the Ray cluster has {have:g}")
+    if os.environ.get("RAY_ADDRESS"):
+        log.warning("%s; waiting for the autoscaler to add GPU nodes", msg)
+        return
+    raise ConfigError(f"{msg}; set train.use_gpu=false, or submit to a cluster with GPUs (RAY_ADDRESS)")
 
 
 @dataclass

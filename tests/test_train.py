@@ -78,6 +78,21 @@ def test_errors_name_the_problem(ray_session, archive, tmp_path):
     assert registry.list_versions(str(tmp_path / "r")) == []
 
 
+def test_use_gpu_without_a_gpu_fails_fast_on_an_embedded_ray(ray_session, monkeypatch, caplog):
+    """CI has no GPU: Ray Train would wait forever for one. On a cluster an autoscaler may add one."""
+    from nadray.errors import ConfigError
+    from nadray.train import check_gpus
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    check_gpus(load_config(None, ["train.use_gpu=false"]))
+    with pytest.raises(ConfigError, match=r"train.use_gpu=true needs one GPU per worker \(train.num_workers=2\), "
+                                          r"but the Ray cluster has 0"):
+        check_gpus(load_config(None, ["train.use_gpu=true", "train.num_workers=2"]))
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    check_gpus(load_config(None, ["train.use_gpu=true"]))
+    assert "waiting for the autoscaler" in caplog.text
+
+
 @pytest.mark.slow
 def test_worker_kill_resumes_from_checkpoint(ray_session, archive, tmp_path, monkeypatch):
     from nadray.train import train
