@@ -429,14 +429,8 @@ def _rows(res) -> tuple:
                    key=lambda r: (r[0] is None, r[0] or 0)))
 
 
-@pytest.mark.parametrize("variant", ["clean", "bad-value", "blank-middle", "blank-end", "crlf", "bom", "padded",
-                                     "no-final-newline", "empty-fields-row", "wrong-field-count"])
-def test_zeek_csv_fast_path_matches_line_path(variant):
-    """The clean-CSV path (bytes straight to pyarrow) gives the rows, source_row numbers and
-    quarantine of the line-by-line path, and defers to it for anything unusual."""
-    from nadray.ingest import zeek
-    from nadray.ingest.common import split_lines
-
+def _zeek_csv_variant(variant: str) -> tuple[bytes, list[bytes]]:
+    """A small Zeek CSV conn log with one kind of damage (or none): (file bytes, records)."""
     header = (b"ts,uid,id.orig_h,id.orig_p,id.resp_h,id.resp_p,proto,service,duration,orig_bytes,resp_bytes,"
               b"conn_state,local_orig,local_resp,label,detailed-label")
     recs = [b"1540469303.5,C%d,192.168.1.%d,5868%d,8.8.8.8,53,udp,dns,0.1,48,96,SF,T,F,benign,-" % (i, i, i)
@@ -460,6 +454,18 @@ def test_zeek_csv_fast_path_matches_line_path(variant):
         data = data.replace(b"\n", b"\r\n")
     elif variant == "bom":
         data = b"\xef\xbb\xbf" + data
+    return data, recs
+
+
+@pytest.mark.parametrize("variant", ["clean", "bad-value", "blank-middle", "blank-end", "crlf", "bom", "padded",
+                                     "no-final-newline", "empty-fields-row", "wrong-field-count"])
+def test_zeek_csv_fast_path_matches_line_path(variant):
+    """The clean-CSV path (bytes straight to pyarrow) gives the rows, source_row numbers and
+    quarantine of the line-by-line path, and defers to it for anything unusual."""
+    from nadray.ingest import zeek
+    from nadray.ingest.common import split_lines
+
+    data, recs = _zeek_csv_variant(variant)
     fast = zeek.read(data, "conn.csv")
     slow = zeek._read_csv(split_lines(data), "conn.csv")
     took_fast = zeek._read_csv_fast(data, "conn.csv") is not None
@@ -474,3 +480,30 @@ def test_zeek_csv_fast_path_matches_line_path(variant):
         assert fast.flows["proto"][1].as_py() == "udp" and fast.flows["local_orig"][1].as_py() is True
     if variant == "empty-fields-row":
         assert 5 in fast.quarantine["source_row"].to_pylist()
+
+
+@pytest.mark.parametrize("variant", ["bad-value", "wrong-field-count", "empty-fields-row", "padded", "mixed"])
+def test_conversion_in_row_chunks_equals_one_piece(variant, monkeypatch):
+    """Large inputs are converted on several threads (``convert_in_chunks``): the same flows
+    in the same order, the same quarantine rows in the same order, the same counts."""
+    from nadray.ingest import common, zeek
+    from nadray.ingest.common import split_lines
+
+    data, _ = _zeek_csv_variant("bad-value" if variant == "mixed" else variant)
+    data = data + b"".join(data.split(b"\n", 1)[1:]) * 3  # 4 copies of the records: 32+ rows
+    if variant == "mixed":  # quarantined while splitting (last row) and while converting (every piece)
+        data += data.rsplit(b"\n", 2)[1] + b",extra\n"
+    one = zeek.read(data, "conn.csv"), zeek._read_csv(split_lines(data), "conn.csv")
+    monkeypatch.setattr(common, "CONVERT_CHUNK_ROWS", 5)
+    monkeypatch.setattr(common, "_cpus", lambda: 4)
+    calls = []
+    real = common.ThreadPoolExecutor.map
+    monkeypatch.setattr(common.ThreadPoolExecutor, "map", lambda self, fn, pieces: calls.append(len(pieces)) or
+                        real(self, fn, pieces))
+    chunked = zeek.read(data, "conn.csv"), zeek._read_csv(split_lines(data), "conn.csv")
+    assert calls == [4, 4]  # both paths really ran in 4 pieces
+    for a, b in zip(one, chunked):
+        assert b.read == a.read and b.flows.to_pylist() == a.flows.to_pylist()
+        assert b.quarantine.drop_columns(["ingested_at"]).to_pylist() == a.quarantine.drop_columns(["ingested_at"]).to_pylist()
+        assert b.quarantine.num_rows == {"bad-value": 8, "wrong-field-count": 4, "empty-fields-row": 4, "padded": 0,
+                                         "mixed": 9}[variant]

@@ -37,8 +37,8 @@ import pyarrow.compute as pc
 
 from nadray.errors import InputError
 from nadray.ingest.common import (
-    ReadResult, Records, Validator, assemble, decode_raw, fast_records, label_of_text, map_labels, split_lines, split_records,
-    has_padding, strip_bom,
+    ReadResult, Records, Validator, assemble, convert_in_chunks, decode_raw, fast_records, has_padding, label_of_text,
+    map_labels, split_lines, split_records, strip_bom,
 )
 
 FORMAT = "zeek"
@@ -278,6 +278,10 @@ def _convert(recs: Records, source: str, nulls, missing_ok: bool = False, trim: 
              padded: bool = True) -> ReadResult:
     """String columns -> canonical flows. ``trim``: strip padding from values before the
     rules; ``padded=False`` says no value has any (``common.has_padding``), so no trim runs."""
+    return convert_in_chunks(recs, lambda r: _convert_rows(r, source, nulls, missing_ok, trim, padded))
+
+
+def _convert_rows(recs: Records, source: str, nulls, missing_ok: bool, trim: bool, padded: bool) -> ReadResult:
     t = recs.table
     n = t.num_rows
     v = Validator(n, trim=trim and padded)
