@@ -19,9 +19,7 @@ PNG plots and ``report.html`` to a local folder or ``s3://`` prefix.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from nadray.errors import InputError
+from nadray.storage import jsonable
 
 log = logging.getLogger("nadray.evaluate")
 
@@ -178,31 +177,6 @@ def split_masks(flows_all: Any, split: Any, cfg: Any = None) -> SplitMasks:
         raise InputError("split: train, val and test overlap; each row belongs to at most one split")
     masks.boundaries = {**{s: _ts_range(ts[getattr(masks, s)]) for s in ("train", "val", "test")}, **masks.boundaries}
     return masks
-
-
-def jsonable(obj: Any) -> Any:
-    """A copy of ``obj`` that strict JSON can hold: numpy scalars and arrays as Python
-    values, tuples as lists, keys as str, other objects as their str, and NaN and
-    +-inf as None (``json.dumps`` would write them as ``NaN`` / ``Infinity``, which
-    strict readers such as jq, JavaScript and Go reject).
-    """
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, (np.bool_,)):
-        return bool(obj)
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if obj is None or isinstance(obj, (str, int, bool)):
-        return obj
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return jsonable(dataclasses.asdict(obj))
-    return str(obj)
 
 
 def _ts_array(flows: Any) -> np.ndarray:

@@ -10,8 +10,10 @@ else. Credentials are never taken from config files or the command line.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import posixpath
 import threading
@@ -19,6 +21,7 @@ import uuid
 from typing import Any, Iterator
 
 import fsspec
+import numpy as np
 import pyarrow.fs as pafs
 
 
@@ -182,7 +185,33 @@ def read_json(uri: str) -> Any:
 
 
 def write_json_atomic(uri: str, obj: Any) -> None:
-    write_bytes_atomic(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"))
+    """``obj`` as strict JSON (``jsonable``: an undefined metric is null, never NaN)."""
+    write_bytes_atomic(uri, json.dumps(jsonable(obj), indent=2, sort_keys=True, allow_nan=False).encode("utf-8"))
+
+
+def jsonable(obj: Any) -> Any:
+    """A copy of ``obj`` that strict JSON can hold: numpy scalars and arrays as Python
+    values, tuples as lists, keys as str, other objects as their str, and NaN and
+    +-inf as None (``json.dumps`` would write them as ``NaN`` / ``Infinity``, which
+    strict readers such as jq, JavaScript and Go reject).
+    """
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return jsonable(dataclasses.asdict(obj))
+    return str(obj)
 
 
 def rm(uri: str, recursive: bool = False) -> None:

@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from _strictjson import strict_loads
 
 from nadray.drift import drift_report, feature_psi, new_entities, psi, score_shift
 
@@ -182,21 +183,12 @@ def test_drift_report_optional_parts_and_json_safe():
         drift_report(x, x, ["a", "b"], None, None, None, None, psi_limit=0, score_shift_limit=0.2)
 
 
-def _strict_loads(text: str):
-    """json.loads as jq, JavaScript and Go read JSON: NaN and Infinity tokens are errors."""
-
-    def refuse(token):
-        raise ValueError(f"non-standard JSON token {token}")
-
-    return json.loads(text, parse_constant=refuse)
-
-
 def test_drift_report_is_strict_json_when_statistics_are_undefined():
     train = np.column_stack([np.random.default_rng(6).normal(size=300), np.full(300, 7.0)])  # b is constant
     # No new rows at all: every PSI and the score shift are undefined.
     empty = drift_report(train, np.empty((0, 2)), ["a", "b"], np.ones(300), np.array([]), ["h1"] * 300, [],
                          psi_limit=0.25, score_shift_limit=0.2)
-    back = _strict_loads(json.dumps(empty, allow_nan=False))
+    back = strict_loads(json.dumps(empty, allow_nan=False))
     assert [r["psi"] for r in back["features"]] == [None, None] and back["max_psi"] is None
     assert back["score_shift"]["ks"] is None and back["score_shift"]["p_value"] is None
     assert back["flagged"] is False
@@ -206,6 +198,6 @@ def test_drift_report_is_strict_json_when_statistics_are_undefined():
     new = np.column_stack([np.random.default_rng(7).normal(size=50), np.r_[np.full(25, 7.0), np.full(25, np.nan)]])
     some = drift_report(train, new, ["a", "b"], np.ones(300), np.full(50, np.nan), None, None,
                         psi_limit=0.25, score_shift_limit=0.2)
-    back = _strict_loads(json.dumps(some, allow_nan=False))
+    back = strict_loads(json.dumps(some, allow_nan=False))
     assert all(isinstance(r["psi"], float) for r in back["features"]) and back["features"][1]["over_limit"]
     assert back["score_shift"]["ks"] is None and set(back["undefined"]) == {"score_shift"}

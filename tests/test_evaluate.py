@@ -151,7 +151,7 @@ def _refuse(token):
 
 
 def test_jsonable_writes_non_finite_numbers_as_null():
-    from nadray.evaluate import jsonable
+    from nadray.storage import jsonable
 
     obj = {"a": float("nan"), "b": np.float32("inf"), "c": [np.float64(-np.inf), 1.5, np.int64(2)], 3: (True,)}
     assert jsonable(obj) == {"a": None, "b": None, "c": [None, 1.5, 2], "3": [True]}

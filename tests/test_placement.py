@@ -79,7 +79,14 @@ def test_group_of_a_controller_destroyed_with_its_trial_group_is_released(ray_se
     ray.get(trial_pg.ready())
     ctl = Controller.options(scheduling_strategy=PlacementGroupSchedulingStrategy(trial_pg)).remote()
     workers = ray.get(ctl.make.remote())
-    remove_placement_group(trial_pg)  # what Tune does when ASHA stops the trial
-    assert _wait(lambda: workers in placement.orphaned_placement_groups())
-    placement.release_orphaned_placement_groups()
-    assert _wait(lambda: ray.util.placement_group_table().get(workers, {}).get("state") == "REMOVED")
+    try:
+        remove_placement_group(trial_pg)  # what Tune does when ASHA stops the trial
+        assert _wait(lambda: workers in placement.orphaned_placement_groups())
+        placement.release_orphaned_placement_groups()
+        assert _wait(lambda: ray.util.placement_group_table().get(workers, {}).get("state") == "REMOVED")
+    finally:
+        # Should the assertions fail, the 0.5-CPU group must not starve every later test.
+        from ray.util.placement_group import PlacementGroup
+
+        if ray.util.placement_group_table().get(workers, {}).get("state") not in (None, "REMOVED"):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(workers))))

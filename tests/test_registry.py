@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from _strictjson import strict_loads
 
 from nadray import registry, storage
 from nadray.errors import ModelError
@@ -119,3 +120,15 @@ def test_tampered_checkpoints_are_refused(tmp_path):
     json.dump(meta, open(meta_path, "w"))
     with pytest.raises(ModelError, match="format_version"):
         registry.load(f"{reg}@{v}")
+
+
+def test_checkpoint_json_is_strict_json_with_undefined_metrics_as_null(tmp_path):
+    """A metric that is undefined on a split (ROC-AUC with one class) is NaN in Python;
+    checkpoint.json must still parse in jq, JavaScript and Go, and numbers must stay numbers."""
+    reg = str(tmp_path / "reg")
+    v = _register(reg, metrics={"test": {"roc_auc": float("nan"), "f1": np.float32(0.5), "n": np.int64(3)},
+                                "curve": np.array([1.0, np.inf])})
+    text = storage.read_bytes(storage.join(registry.version_uri(reg, v), registry.META)).decode()
+    meta = strict_loads(text)
+    assert meta["metrics"] == {"test": {"roc_auc": None, "f1": 0.5, "n": 3}, "curve": [1.0, None]}
+    assert registry.load(f"{reg}@{v}")[1]["metrics"]["test"]["f1"] == 0.5

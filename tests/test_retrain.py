@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow as pa
 import pytest
+from _strictjson import strict_loads
 
 from nadray import archive as arc
 from nadray import datasets
@@ -34,15 +35,6 @@ def _land(landing: Path, *scenarios: str) -> None:
     for s in scenarios:
         src = datasets.path(f"iot23-{s}")
         shutil.copyfile(src, landing / src.name)
-
-
-def _strict_loads(text: str):
-    """json.loads as jq, JavaScript and Go read JSON: NaN and Infinity tokens are errors."""
-
-    def refuse(token):
-        raise ValueError(f"non-standard JSON token {token}")
-
-    return json.loads(text, parse_constant=refuse)
 
 
 def _champion_bytes(registry: str) -> bytes:
@@ -78,14 +70,14 @@ def test_night_registers_a_champion_and_reports_the_refused_file(night1):
     assert "notes.txt" in report.summary()
     assert not (Path(archive) / "_staging").exists()
     night_dir = Path(reg.model_root(registry)) / "nights" / "2018-10-04"
-    night = _strict_loads((night_dir / "night.json").read_text())
+    night = strict_loads((night_dir / "night.json").read_text())
     assert night["status"] == "complete" and night["decision"]["basis"] == "no champion"
     assert {s["name"] for s in night["steps"]} >= {"ingest", "train", "evaluate", "drift", "decide", "commit", "promote"}
     html = (night_dir / "report.html").read_text()
     assert "Decision" in html and "Drift" in html and "PSI" in html
     assert (night_dir / "roc.png").exists() and report.report.endswith("report.html")
     # The version is tagged with the night.
-    meta = json.loads((Path(reg.version_uri(registry, champ["version"])) / reg.META).read_text())
+    meta = strict_loads((Path(reg.version_uri(registry, champ["version"])) / reg.META).read_text())
     assert meta["night"]["date"] == "2018-10-04" and meta["night"]["key"] == night["key"]
     # Loaded from the registry, it scores the window exactly as the challenger the night
     # evaluated and promoted (every fitted part of the scorer was registered).
@@ -224,7 +216,7 @@ def test_night_json_writes_undefined_values_as_null_and_says_why(tmp_path, monke
     registry = str(tmp_path / "registry")
     night_report.write(registry, "nadray", "2019-01-10", record)
     text = (Path(night_report.night_uri(registry, "nadray", "2019-01-10")) / "night.json").read_text()
-    night = _strict_loads(text)
+    night = strict_loads(text)
     assert night["drift"]["max_psi"] is None and night["drift"]["score_shift"]["ks"] is None
     assert "no finite score on one side" in night["drift"]["undefined"]["score_shift"]
     ch = night["comparison"]["detectors"]["challenger"]

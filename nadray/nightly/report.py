@@ -169,12 +169,12 @@ def write(registry: str, name: str, date: str, night: dict[str, Any], frames: di
     """Write plots, ``report.html`` and (last) ``night.json``; return the report's URI.
 
     ``night.json`` is strict JSON: a NaN or +-inf in ``night`` is written as null
-    (``evaluate.jsonable``), never as the ``NaN`` / ``Infinity`` tokens that jq,
+    (``storage.jsonable``), never as the ``NaN`` / ``Infinity`` tokens that jq,
     JavaScript and Go refuse; ``allow_nan=False`` turns any that slips through into
     an error here rather than in the reader.
     """
-    from nadray.evaluate import jsonable
     from nadray.report import plot_curves, plot_timelines
+    from nadray.storage import jsonable
 
     dest = night_uri(registry, name, date)
     with tempfile.TemporaryDirectory(prefix="nadray-night-") as tmp:
