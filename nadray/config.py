@@ -70,9 +70,10 @@ class ModelConfig:
     # Light dropout between layers and before the heads; only matters with labels.
     dropout: float = 0.1
     # Judge each host against its own predictability: its unsupervised error is divided
-    # by its mean error on the training split (shrunk toward the global mean for hosts
-    # with few events; unseen hosts use the global mean). A volatile server then no
-    # longer outranks a quiet workstation's sudden change (measured: README, cs448b).
+    # by its mean error on the training split, credibility-weighted toward the global
+    # mean (by few events, and by how little hosts differ: train.entity_scales); unseen
+    # hosts use the global mean. A volatile host then no longer outranks a quiet
+    # workstation's sudden change (measured: README, cs448b).
     entity_normalization: bool = True
 
 

@@ -586,22 +586,48 @@ def constant_features(x: np.ndarray) -> dict[int, float]:
     return {int(j): float(x[0, j]) for j in np.flatnonzero(same)}
 
 
-# Pseudo-events of the global mean error added to each entity's own: a host seen a
-# handful of times in training is judged mostly by the population, not by noise.
-ENTITY_PRIOR_EVENTS = 20
-
-
-def entity_scales(entity: np.ndarray, err: np.ndarray, prior: int = ENTITY_PRIOR_EVENTS) -> dict[str, Any]:
-    """Per-entity typical unsupervised error on the training split, shrunk toward the global mean.
+def entity_scales(entity: np.ndarray, err: np.ndarray) -> dict[str, Any]:
+    """Per-entity typical unsupervised error on the training split, credibility-weighted.
 
     entity : (n,) entity ids of the training events; err : (n,) their errors.
-    Returns {"global": g, "entities": {entity: (sum_e + prior * g) / (n_e + prior)}}.
+    Returns {"global": g, "k": k, "entities": {entity: z * mean_e + (1 - z) * g}} with
+    z = n_e / (n_e + k) (Bühlmann credibility). k = EPV / VHM is estimated from the data:
+    the expected variance of an entity's errors (EPV) over the variance of the entities'
+    true mean errors (VHM). Why: when hosts really differ, as cs448b's workstations do
+    (k ~ 2), a host with 24 training days is judged by its own error; when they differ
+    only by noise (VHM ~ 0), every host is pulled to the population. A fixed prior of 20
+    pseudo-events did the latter to everyone and let a volatile clean host outrank a
+    compromised one (README, "The founding experiment").
     """
-    g = float(np.mean(err)) if len(err) else 1.0
-    df = pd.DataFrame({"e": np.asarray(entity, dtype=object).astype(str), "s": np.asarray(err, dtype="float64")})
-    agg = df.groupby("e")["s"].agg(["sum", "count"])
-    scale = (agg["sum"] + prior * g) / (agg["count"] + prior)
-    return {"global": max(g, 1e-12), "entities": {str(k): max(float(v), 1e-12) for k, v in scale.items()}}
+    x = np.asarray(err, dtype="float64")
+    g = max(float(np.mean(x)) if len(x) else 1.0, 1e-12)
+    df = pd.DataFrame({"e": np.asarray(entity, dtype=object).astype(str), "s": x})
+    agg = df.groupby("e")["s"].agg(["mean", "var", "count"])
+    k = credibility_k(agg["mean"].to_numpy(), agg["var"].to_numpy(), agg["count"].to_numpy())
+    z = agg["count"] / (agg["count"] + k) if np.isfinite(k) else agg["count"] * 0.0
+    scale = z * agg["mean"] + (1.0 - z) * g
+    return {"global": g, "k": float(k) if np.isfinite(k) else None,
+            "entities": {str(e): max(float(v), 1e-12) for e, v in scale.items()}}
+
+
+def credibility_k(means: np.ndarray, variances: np.ndarray, counts: np.ndarray) -> float:
+    """Bühlmann's k = EPV / VHM from per-entity means, variances and counts.
+
+    EPV: the within-entity variance averaged over entities with 2+ events (weighted by
+    their degrees of freedom). VHM: the variance of the entity means less the part
+    that sampling noise explains (EPV times the mean of 1/n). inf when the entities
+    cannot be told apart (one entity, or VHM <= 0), 0 when no entity varies at all.
+    """
+    counts = np.asarray(counts, dtype="float64")
+    if len(means) < 2:
+        return float("inf")
+    dof = counts - 1.0
+    ok = dof > 0
+    epv = float(np.sum(dof[ok] * np.asarray(variances, "float64")[ok]) / np.sum(dof[ok])) if ok.any() else 0.0
+    vhm = float(np.var(means, ddof=1)) - epv * float(np.mean(1.0 / counts))
+    if vhm <= 0:
+        return float("inf")
+    return epv / vhm
 
 
 def extra_metrics(scorer: Any, data: TrainingData, cfg: Config,

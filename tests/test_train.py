@@ -111,18 +111,35 @@ def test_worker_kill_resumes_from_checkpoint(ray_session, archive, tmp_path, mon
     assert registry.list_versions(reg) == [result.version]
 
 
-def test_entity_scales_judge_each_host_by_its_own_error_shrunk_toward_the_population():
-    from nadray.train import entity_scales
+def test_entity_scales_weigh_each_host_by_how_much_hosts_really_differ():
+    """Bühlmann credibility: own error when hosts differ, the population's when they differ by noise."""
+    from nadray.train import credibility_k, entity_scales
 
-    # Host a: 3 training events with a high error; host b: 100 with a low one.
-    ent = np.array(["a"] * 3 + ["b"] * 100, dtype=object)
-    err = np.array([9.0] * 3 + [1.0] * 100)
-    s = entity_scales(ent, err, prior=5)
-    g = err.mean()
-    assert s["global"] == pytest.approx(g)
-    assert s["entities"]["a"] == pytest.approx((27.0 + 5 * g) / 8)  # pulled toward g: few events
-    assert s["entities"]["b"] == pytest.approx((100.0 + 5 * g) / 105)  # mostly its own
-    assert 1.0 < s["entities"]["b"] < s["entities"]["a"] < 9.0
+    rng = np.random.default_rng(0)
+    # Hosts that really differ: 24 training events each, means 1 and 9, little noise.
+    ent = np.array(["a"] * 24 + ["b"] * 24, dtype=object)
+    err = np.concatenate([rng.normal(1.0, 0.1, 24), rng.normal(9.0, 0.1, 24)])
+    s = entity_scales(ent, err)
+    assert s["k"] < 0.01 and s["global"] == pytest.approx(err.mean())
+    assert s["entities"]["a"] == pytest.approx(err[:24].mean(), rel=1e-3)
+    assert s["entities"]["b"] == pytest.approx(err[24:].mean(), rel=1e-3)
+
+    # Ten hosts drawn from one distribution: their differences are noise.
+    ent = np.repeat(np.array([f"h{i}" for i in range(10)], dtype=object), 5)
+    err = rng.exponential(2.0, 50)
+    s = entity_scales(ent, err)
+    spread = max(s["entities"].values()) - min(s["entities"].values())
+    raw = pd.Series(err).groupby(ent).mean()
+    assert spread < 0.6 * (raw.max() - raw.min())  # pulled toward the population mean
+
+    # The estimator by hand: EPV = pooled within variance, VHM = var(means) - EPV * mean(1/n).
+    means, var, n = np.array([1.0, 3.0, 8.0]), np.array([1.0, 4.0, 2.0]), np.array([3, 5, 2])
+    epv = (2 * 1.0 + 4 * 4.0 + 1 * 2.0) / 7
+    vhm = np.var(means, ddof=1) - epv * np.mean(1 / n)
+    assert credibility_k(means, var, n) == pytest.approx(epv / vhm)
+    assert credibility_k(np.array([2.0]), np.array([1.0]), np.array([4])) == np.inf  # one host: nothing to compare
+    one = entity_scales(np.array(["x"] * 4, dtype=object), np.array([1.0, 2.0, 3.0, 4.0]))
+    assert one["k"] is None and one["entities"]["x"] == pytest.approx(2.5)
 
 
 @pytest.mark.timeout(300)
