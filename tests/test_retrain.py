@@ -225,7 +225,9 @@ def test_night_json_writes_undefined_values_as_null_and_says_why(tmp_path, monke
     assert st["ks"] is None and st["undefined"]["ks"].startswith("undefined: no finite score")
     assert night["steps"][0]["counts"]["max_psi"] is None and night["numbers"] == [None, None, 0.25]
     # And the record's sanitising is what keeps NaN out: without it the write fails loudly.
-    monkeypatch.setattr(evaluate, "jsonable", lambda obj: obj)
+    from nadray import storage
+
+    monkeypatch.setattr(storage, "jsonable", lambda obj: obj)
     with pytest.raises(ValueError, match="not JSON compliant"):
         night_report.write(registry, "nadray", "2019-01-11", {"date": "2019-01-11", "max_psi": float("nan")})
 
