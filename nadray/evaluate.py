@@ -422,7 +422,7 @@ def flow_metrics(flows: Any, mask: np.ndarray, scores: np.ndarray, threshold: fl
 
     ``flows`` is the ``EvalData.flows`` frame (label, label_detail, ts); ``scores`` and
     ``entity`` are (n,) over all its rows. A metric that cannot be computed is None,
-    and ``undefined`` (present only then) says why: ``{"roc_auc": "undefined: one class ..."}``.
+    and ``undefined`` (present only then) says why (``metrics.undefined_reasons``).
     """
     from nadray.metrics import detection_metrics
 
@@ -434,16 +434,6 @@ def flow_metrics(flows: Any, mask: np.ndarray, scores: np.ndarray, threshold: fl
         entity=entity[mask],
         ts=flows["ts"].to_numpy()[mask],
     )
-    undefined = {}
-    if out.get("roc_auc") is None:
-        why = ("no labelled records" if not out["n_labelled"]
-               else f"one class ({out['n_malicious']} malicious, {out['n_benign']} benign)")
-        undefined["roc_auc"] = undefined["pr_auc"] = f"undefined: {why}"
-    for key in ("fpr", "false_alarms_per_entity_day"):
-        if key in out and out[key] is None:
-            undefined[key] = "undefined: no benign records"
-    if undefined:
-        out["undefined"] = undefined
     return out
 
 

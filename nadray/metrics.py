@@ -88,4 +88,24 @@ def detection_metrics(
         pairs = {(e, d) for e, d in zip(ent[benign], days[benign])}
         out["false_alarms_per_entity_day"] = fp / len(pairs) if pairs else None
         out["entity_days"] = len(pairs)
+    undefined = undefined_reasons(out)
+    if undefined:
+        out["undefined"] = undefined
     return out
+
+
+def undefined_reasons(out: dict[str, Any]) -> dict[str, str]:
+    """Why each metric of ``detection_metrics`` that is None could not be computed.
+
+    Stored beside the nulls (checkpoint.json, metrics.json, night.json) so a reader
+    knows a missing ROC-AUC means "one class in this split", not a failure.
+    """
+    why: dict[str, str] = {}
+    if out.get("roc_auc") is None:
+        reason = ("no labelled records" if not out["n_labelled"]
+                  else f"one class ({out['n_malicious']} malicious, {out['n_benign']} benign)")
+        why["roc_auc"] = why["pr_auc"] = f"undefined: {reason}"
+    for key in ("fpr", "false_alarms_per_entity_day"):
+        if key in out and out[key] is None:
+            why[key] = "undefined: no benign records"
+    return why

@@ -157,6 +157,20 @@ def test_jsonable_writes_non_finite_numbers_as_null():
     assert jsonable(obj) == {"a": None, "b": None, "c": [None, 1.5, 2], "3": [True]}
 
 
+def test_detection_metrics_say_why_a_metric_is_undefined():
+    """What training stores in checkpoint.json says why a null is null, as metrics.json does."""
+    ts = np.datetime64("2019-01-10", "us") + np.arange(4).astype("timedelta64[h]")
+    one_class = detection_metrics(np.zeros(4), np.arange(4.0), 2.0, entity=np.array(["h"] * 4, object), ts=ts)
+    assert one_class["roc_auc"] is None and one_class["undefined"] == {
+        "roc_auc": "undefined: one class (0 malicious, 4 benign)", "pr_auc": "undefined: one class (0 malicious, 4 benign)"}
+    unlabelled = detection_metrics(np.full(4, np.nan), np.arange(4.0), 2.0, entity=np.array(["h"] * 4, object), ts=ts)
+    assert unlabelled["undefined"]["roc_auc"] == "undefined: no labelled records"
+    assert unlabelled["undefined"]["fpr"] == unlabelled["undefined"]["false_alarms_per_entity_day"] == \
+        "undefined: no benign records"
+    both = detection_metrics(np.array([0, 1, 0, 1.0]), np.arange(4.0), 2.0)
+    assert "undefined" not in both
+
+
 def test_evaluate_split_with_lstm_scorer_seam(flows, test_mask):
     perfect = evaluate_split(FakeScorer("perfect"), flows, test_mask, small_cfg())
     assert perfect["lstm"]["roc_auc"] == 1.0 and perfect["lstm"]["threshold_source"] == "checkpoint"
