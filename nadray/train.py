@@ -616,14 +616,15 @@ def credibility_k(means: np.ndarray, variances: np.ndarray, counts: np.ndarray) 
     EPV: the within-entity variance averaged over entities with 2+ events (weighted by
     their degrees of freedom). VHM: the variance of the entity means less the part
     that sampling noise explains (EPV times the mean of 1/n). inf when the entities
-    cannot be told apart (one entity, or VHM <= 0), 0 when no entity varies at all.
+    cannot be told apart (one entity, no entity with two events to measure noise on,
+    or VHM <= 0), 0 when no entity's error varies at all.
     """
     counts = np.asarray(counts, dtype="float64")
-    if len(means) < 2:
-        return float("inf")
     dof = counts - 1.0
     ok = dof > 0
-    epv = float(np.sum(dof[ok] * np.asarray(variances, "float64")[ok]) / np.sum(dof[ok])) if ok.any() else 0.0
+    if len(means) < 2 or not ok.any():
+        return float("inf")
+    epv = float(np.sum(dof[ok] * np.asarray(variances, "float64")[ok]) / np.sum(dof[ok]))
     vhm = float(np.var(means, ddof=1)) - epv * float(np.mean(1.0 / counts))
     if vhm <= 0:
         return float("inf")

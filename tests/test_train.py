@@ -138,6 +138,8 @@ def test_entity_scales_weigh_each_host_by_how_much_hosts_really_differ():
     vhm = np.var(means, ddof=1) - epv * np.mean(1 / n)
     assert credibility_k(means, var, n) == pytest.approx(epv / vhm)
     assert credibility_k(np.array([2.0]), np.array([1.0]), np.array([4])) == np.inf  # one host: nothing to compare
+    # One event per host: noise cannot be told from difference, so the population decides.
+    assert credibility_k(np.array([1.0, 5.0]), np.array([np.nan, np.nan]), np.array([1, 1])) == np.inf
     one = entity_scales(np.array(["x"] * 4, dtype=object), np.array([1.0, 2.0, 3.0, 4.0]))
     assert one["k"] is None and one["entities"]["x"] == pytest.approx(2.5)
 
