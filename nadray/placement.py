@@ -48,24 +48,25 @@ def orphaned_placement_groups() -> list[str]:
     removed = gcs_pb2.PlacementGroupTableData.REMOVED
     # ray.util.placement_group_table() drops the creator fields; the raw GCS table has them.
     accessor = ray._private.state.state._connect_and_get_accessor()
-    out = []
+    out, states = [], None
     for raw in accessor.get_placement_group_table():
         d = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        if d.state == removed or d.is_detached or not d.creator_actor_id:
+        if d.state == removed or d.is_detached:
             continue
-        creator = ray.ActorID(d.creator_actor_id)
-        if creator.is_nil():
+        creator = ray.ActorID(d.creator_actor_id) if d.creator_actor_id else None
+        if creator is None or creator.is_nil():  # a driver's group
             continue
-        if d.creator_actor_dead or _actor_state(creator.hex()) == "DEAD":
+        if not d.creator_actor_dead and states is None:
+            states = _actor_states()  # one actor-table read per sweep, and only when needed
+        if d.creator_actor_dead or (states or {}).get(creator.hex()) == "DEAD":
             out.append(d.placement_group_id.hex())
     return out
 
 
-def _actor_state(actor_hex: str) -> str | None:
+def _actor_states() -> dict[str, str]:
     from ray._private.state import actors
 
-    info = actors(actor_id=actor_hex)
-    return info.get("State") if info else None
+    return {aid: info.get("State") for aid, info in (actors() or {}).items()}
 
 
 def release_orphaned_placement_groups() -> int:
