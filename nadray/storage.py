@@ -184,6 +184,22 @@ def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri).decode("utf-8"))
 
 
+def visible_files(uri: str) -> list[tuple[str, str]]:
+    """Files under the folder ``uri``, recursive and sorted, as (filesystem path, URI).
+
+    A path with any part starting with '.' or '_' is left out: hidden files, and the
+    archive's and staging's own internals (``_quarantine``, ``_manifest``...).
+    """
+    fs, path = get_fs(uri)
+    out = []
+    for p in sorted(fs.find(path)):
+        rel = posixpath.relpath(p, path) if is_s3(uri) else os.path.relpath(p, path)
+        parts = rel.replace(os.sep, "/").split("/")
+        if not any(x.startswith((".", "_")) for x in parts):
+            out.append((p, join(uri, *parts)))
+    return out
+
+
 def write_json_atomic(uri: str, obj: Any) -> None:
     """``obj`` as strict JSON (``jsonable``: an undefined metric is null, never NaN)."""
     write_bytes_atomic(uri, json.dumps(jsonable(obj), indent=2, sort_keys=True, allow_nan=False).encode("utf-8"))

@@ -5,8 +5,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
-import os
-import posixpath
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -194,15 +192,9 @@ def _expand(inp: str, archive: str) -> tuple[list[tuple[str, bool]], str | None]
             if not fs.isdir(path):
                 return [(inp, False)], None
             _, arch_path = storage.get_fs(archive)
-            found = []
-            for p in sorted(fs.find(path)):
-                rel = posixpath.relpath(p, path) if storage.is_s3(inp) else os.path.relpath(p, path)
-                parts = rel.replace(os.sep, "/").split("/")
-                if any(x.startswith((".", "_")) for x in parts):
-                    continue  # hidden files and archive internals
-                if p == arch_path or p.startswith(arch_path.rstrip("/") + "/"):
-                    continue  # never ingest the archive into itself
-                found.append((storage.join(inp, *parts), True))
+            # Never ingest the archive into itself.
+            found = [(uri, True) for p, uri in storage.visible_files(inp)
+                     if not (p == arch_path or p.startswith(arch_path.rstrip("/") + "/"))]
             if not found:
                 return [], f"{inp}: folder holds no files"
             return found, None

@@ -82,15 +82,7 @@ def list_landing(landing: str) -> list[str]:
             raise NadrayError(f"landing {landing}: no such folder or prefix")
         if not fs.isdir(path):
             return [str(landing)]
-        found = sorted(fs.find(path))
-    out = []
-    for p in found:
-        rel = posixpath.relpath(p, path) if storage.is_s3(landing) else os.path.relpath(p, path)
-        parts = rel.replace(os.sep, "/").split("/")
-        if any(x.startswith((".", "_")) for x in parts):
-            continue
-        out.append(storage.join(landing, *parts))
-    return out
+        return [uri for _, uri in storage.visible_files(landing)]
 
 
 def scan_landing(landing: str, archive: str) -> list[LandingFile]:
