@@ -507,3 +507,31 @@ def test_conversion_in_row_chunks_equals_one_piece(variant, monkeypatch):
         assert b.quarantine.drop_columns(["ingested_at"]).to_pylist() == a.quarantine.drop_columns(["ingested_at"]).to_pylist()
         assert b.quarantine.num_rows == {"bad-value": 8, "wrong-field-count": 4, "empty-fields-row": 4, "padded": 0,
                                          "mixed": 9}[variant]
+
+
+@pytest.mark.parametrize("value", ["0x10", "0X1f", "-0", "+7", "007", "-5", "1e3", "5", "99999999999999999999"])
+def test_integer_rule_does_not_depend_on_other_rows(value):
+    """Arrow's fast cast and the per-row rule must agree: a value is accepted or refused the
+    same whether its file (or its conversion piece) holds a malformed row or not."""
+    import pyarrow as pa
+
+    from nadray.ingest.common import Validator
+
+    for hex_ok in (False, True):
+        alone, mixed = Validator(1), Validator(2)
+        a = alone.integer(pa.array([value]), "f", hex_ok=hex_ok).to_pylist()[0]
+        m = mixed.integer(pa.array([value, "abc"]), "f", hex_ok=hex_ok).to_pylist()[0]
+        assert (a, 0 in alone.errors) == (m, 0 in mixed.errors), (value, hex_ok)
+        assert 1 in mixed.errors
+
+
+@pytest.mark.parametrize("value", ["+1540469303", ".5", "1e9", "-5", "1540469303.25", "1e99999", "nan", "1540469303."])
+def test_epoch_rule_does_not_depend_on_other_rows(value):
+    import pyarrow as pa
+
+    from nadray.ingest.common import Validator
+
+    alone, mixed = Validator(1), Validator(2)
+    a = alone.epoch_seconds(pa.array([value]), "ts").to_pylist()[0]
+    m = mixed.epoch_seconds(pa.array([value, "yesterday"]), "ts").to_pylist()[0]
+    assert (a, alone.errors.get(0)) == (m, mixed.errors.get(0)), value

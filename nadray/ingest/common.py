@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -287,6 +288,10 @@ class Validator:
             vals = pc.if_else(isnull, pa.scalar(None, pa.string()), arr).cast(pa.int64())
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             vals = None
+        # Arrow's cast also reads "0x1f" as hex; only the rule below decides that, so a
+        # value means the same whether or not another row of the input is malformed.
+        if vals is not None and pc.any(pc.match_substring(arr, "x", ignore_case=True)).as_py():
+            vals = None
         if vals is not None:
             bad_range = pc.less(vals, lo)
             if hi is not None:
@@ -296,7 +301,7 @@ class Validator:
                 self.fail(bad_range, name, rule, arr)
                 vals = pc.if_else(bad_range, pa.scalar(None, pa.int64()), vals)
             return vals.cast(out)
-        dec = pc.match_substring_regex(arr, r"^\+?[0-9]{1,18}$")
+        dec = pc.match_substring_regex(arr, r"^[+-]?[0-9]{1,18}$")  # what the cast takes; "-" fails the range
         if hex_ok:
             hexm = pc.match_substring_regex(arr, r"^0[xX][0-9a-fA-F]{1,15}$")
             ok = pc.or_(dec, hexm)
@@ -304,7 +309,7 @@ class Validator:
             hexm = None
             ok = dec
         self.fail(pc.and_(pc.invert(isnull), pc.invert(ok)), name, rule, arr)
-        vals = pc.if_else(dec, arr, pa.scalar(None, pa.string())).cast(pa.int64())
+        vals = pc.if_else(dec, pc.replace_substring_regex(arr, r"^\+", ""), pa.scalar(None, pa.string())).cast(pa.int64())
         if hexm is not None and pc.any(hexm).as_py():
             hv = [int(s, 16) if (m and s is not None) else None
                   for s, m in zip(arr.to_pylist(), hexm.to_pylist())]
@@ -356,7 +361,8 @@ class Validator:
             f = pc.if_else(isnull, pa.scalar(None, pa.string()), arr).cast(pa.float64())
             num = pc.invert(isnull)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            num = pc.match_substring_regex(arr, r"^[0-9]{1,12}(\.[0-9]*)?([eE][+-]?[0-9]{1,2})?$")
+            # The numbers Arrow's cast reads (as on the fast path); the range check judges them.
+            num = pc.match_substring_regex(arr, r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?$")
             f = pc.if_else(num, arr, pa.scalar(None, pa.string())).cast(pa.float64())
         notfinite = pc.fill_null(pc.invert(pc.is_finite(f)), False)
         if pc.any(notfinite).as_py():
@@ -611,10 +617,12 @@ class _Lines(Sequence):
         self._body = body
         self._n = n
         self._lines: list[bytes] | None = None
+        self._lock = threading.Lock()  # convert_in_chunks' pieces share one instance
 
     def _split(self) -> list[bytes]:
-        if self._lines is None:
-            self._lines = self._body[:-1].split(b"\n")
+        with self._lock:
+            if self._lines is None:
+                self._lines = self._body[:-1].split(b"\n")
         return self._lines
 
     def __len__(self) -> int:
