@@ -419,7 +419,6 @@ def build_trainer(data: TrainingData | dict[str, Any], cfg: Config, run_config_o
         "checkpoint_config": CheckpointConfig(num_to_keep=2),
         **over,
     })
-    check_gpus(cfg)
     loop_config = _loop_config(data, cfg)
     if init_weights is not None:
         import ray
@@ -435,10 +434,11 @@ def build_trainer(data: TrainingData | dict[str, Any], cfg: Config, run_config_o
 
 
 def check_gpus(cfg: Config) -> None:
-    """Fail fast where ``train.use_gpu=true`` can never be met.
+    """Fail fast where ``train.use_gpu=true`` can never be met. Call it in the driver.
 
     Ray Train waits for resources it is asked for, so an embedded Ray without GPUs
-    would hang. A cluster (``RAY_ADDRESS``) may add GPU nodes through its
+    would hang. A cluster (``RAY_ADDRESS``, set for a submitted job's driver but not
+    for its workers, hence not inside Tune trials) may add GPU nodes through its
     autoscaler: there this is only a warning.
     """
     if not cfg.train.use_gpu:
@@ -466,6 +466,7 @@ class FitResult:
 def fit(data: TrainingData, cfg: Config, storage_path: str | None = None, name: str | None = None,
         init_weights: dict[str, np.ndarray] | None = None) -> FitResult:
     """Run the trainer and return the best-validation model (``init_weights``: warm start)."""
+    check_gpus(cfg)
     over = {"storage_path": _storage_path(storage_path), "name": name}
     with placement.releasing_leaked_placement_groups():
         result = build_trainer(data, cfg, over, init_weights=init_weights).fit()
@@ -586,12 +587,17 @@ def constant_features(x: np.ndarray) -> dict[int, float]:
     return {int(j): float(x[0, j]) for j in np.flatnonzero(same)}
 
 
+# The population's weight never falls below this many pseudo-events (see entity_scales).
+MIN_PRIOR_EVENTS = 1.0
+
+
 def entity_scales(entity: np.ndarray, err: np.ndarray) -> dict[str, Any]:
     """Per-entity typical unsupervised error on the training split, credibility-weighted.
 
     entity : (n,) entity ids of the training events; err : (n,) their errors.
     Returns {"global": g, "k": k, "entities": {entity: z * mean_e + (1 - z) * g}} with
-    z = n_e / (n_e + k) (Bühlmann credibility). k = EPV / VHM is estimated from the data:
+    z = n_e / (n_e + max(k, MIN_PRIOR_EVENTS)) (Bühlmann credibility). k = EPV / VHM is
+    estimated from the data:
     the expected variance of an entity's errors (EPV) over the variance of the entities'
     true mean errors (VHM). Why: when hosts really differ, as cs448b's workstations do
     (k ~ 2), a host with 24 training days is judged by its own error; when they differ
@@ -604,7 +610,10 @@ def entity_scales(entity: np.ndarray, err: np.ndarray) -> dict[str, Any]:
     df = pd.DataFrame({"e": np.asarray(entity, dtype=object).astype(str), "s": x})
     agg = df.groupby("e")["s"].agg(["mean", "var", "count"])
     k = credibility_k(agg["mean"].to_numpy(), agg["var"].to_numpy(), agg["count"].to_numpy())
-    z = agg["count"] / (agg["count"] + k) if np.isfinite(k) else agg["count"] * 0.0
+    # At least MIN_PRIOR_EVENTS of population: k is measured on the hosts with many events,
+    # and a host seen once must not take its single (possibly tiny) error as its divisor.
+    kk = max(k, MIN_PRIOR_EVENTS)
+    z = agg["count"] / (agg["count"] + kk) if np.isfinite(kk) else agg["count"] * 0.0
     scale = z * agg["mean"] + (1.0 - z) * g
     return {"global": g, "k": float(k) if np.isfinite(k) else None,
             "entities": {str(e): max(float(v), 1e-12) for e, v in scale.items()}}
