@@ -15,6 +15,8 @@ Example
 
 from __future__ import annotations
 
+import math
+
 from collections import OrderedDict
 from typing import Callable, Any
 
@@ -106,6 +108,10 @@ class EntityContext:
         return list(self._data)
 
 
+def _positive(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
 class Scorer:
     """Scores flows with a trained LSTM; thresholds with a ``Threshold``."""
 
@@ -151,9 +157,11 @@ class Scorer:
                      z=meta.get("score_z"), version=where.version)
         scale = meta.get("entity_scale")
         if scale is not None:
-            if not (isinstance(scale, dict) and isinstance(scale.get("entities"), dict)
-                    and float(scale.get("global", 0)) > 0):
-                raise NadrayError(f"model {ref}: checkpoint field 'entity_scale' is malformed")
+            ok = isinstance(scale, dict) and isinstance(scale.get("entities"), dict) and all(
+                _positive(v) for v in [scale.get("global"), *scale["entities"].values()])
+            if not ok:  # e.g. null where a diverged training wrote NaN
+                raise NadrayError(f"model {ref}: checkpoint field 'entity_scale' is malformed "
+                                  "(expected positive finite numbers for 'global' and every entity)")
             scorer.entity_scale = scale
         const = meta.get("constant_features") or {}
         try:

@@ -565,6 +565,7 @@ def tune(archive: str, registry: str, cfg: Config, name: str | None = None,
 
     # 2. The data, once, in the driver; trials share it through the object store.
     ensure_ray()
+    core.check_gpus(cfg)
     flows = load_flows(archive, cfg)
     splits = time_split(flows, cfg)
     data = core.prepare_training_data(splits.flows, cfg, splits)

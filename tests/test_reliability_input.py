@@ -387,3 +387,21 @@ def test_tampered_checkpoint_is_refused_and_never_unpickled(model, tmp_path):
     s = Scorer.from_ref(variant("extra-pickles", extra_pickles))
     assert s.version == model["v1"]
     assert not marker.exists(), "a pickle in a checkpoint folder was executed"
+
+
+@pytest.mark.parametrize("scale", [{"global": None, "entities": {}}, {"global": 1.0, "entities": {"h": None}},
+                                   {"global": 1.0, "entities": {"h": -2.0}}, {"global": True, "entities": {}},
+                                   ["not", "a", "dict"]])
+def test_malformed_entity_scale_is_a_clear_model_error(model, tmp_path, scale):
+    """checkpoint.json writes an undefined number as null (strict JSON): a diverged training's
+    NaN scale must be refused when loading, not fail later as a TypeError while scoring."""
+    from nadray.errors import NadrayError
+    from nadray.scorer import Scorer
+
+    vdir = tmp_path / "reg" / "nadray" / "versions" / model["v1"]
+    shutil.copytree(registry.version_uri(model["registry"], model["v1"]), vdir)
+    meta = json.loads((vdir / registry.META).read_text())
+    meta["entity_scale"] = scale
+    (vdir / registry.META).write_text(json.dumps(meta))
+    with pytest.raises(NadrayError, match="'entity_scale' is malformed"):
+        Scorer.from_ref(f"{tmp_path / 'reg'}@{model['v1']}")
