@@ -56,10 +56,12 @@ def orphaned_placement_groups() -> list[str]:
         creator = ray.ActorID(d.creator_actor_id) if d.creator_actor_id else None
         if creator is None or creator.is_nil():  # a driver's group
             continue
-        if not d.creator_actor_dead and states is None:
-            states = _actor_states()  # one actor-table read per sweep, and only when needed
-        if d.creator_actor_dead or (states or {}).get(creator.hex()) == "DEAD":
-            out.append(d.placement_group_id.hex())
+        if not d.creator_actor_dead:
+            if states is None:
+                states = _actor_states()  # one actor-table read per sweep, and only when needed
+            if states.get(creator.hex()) != "DEAD":
+                continue
+        out.append(d.placement_group_id.hex())
     return out
 
 

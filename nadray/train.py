@@ -600,7 +600,7 @@ def entity_scales(entity: np.ndarray, err: np.ndarray) -> dict[str, Any]:
     estimated from the data:
     the expected variance of an entity's errors (EPV) over the variance of the entities'
     true mean errors (VHM). Why: when hosts really differ, as cs448b's workstations do
-    (k ~ 2), a host with 24 training days is judged by its own error; when they differ
+    (k 1.4-1.8), a host with 24 training days is judged by its own error; when they differ
     only by noise (VHM ~ 0), every host is pulled to the population. A fixed prior of 20
     pseudo-events did the latter to everyone and let a volatile clean host outrank a
     compromised one (README, "The founding experiment").

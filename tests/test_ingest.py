@@ -535,3 +535,18 @@ def test_epoch_rule_does_not_depend_on_other_rows(value):
     a = alone.epoch_seconds(pa.array([value]), "ts").to_pylist()[0]
     m = mixed.epoch_seconds(pa.array([value, "yesterday"]), "ts").to_pylist()[0]
     assert (a, alone.errors.get(0)) == (m, mixed.errors.get(0)), value
+
+
+def test_may_contain_looks_only_at_the_values_of_a_slice():
+    """The fast integer path's hex check: exact on slices (pieces of a larger column),
+    so a clean piece is not sent down the slow path by its neighbours' bytes."""
+    import pyarrow as pa
+
+    from nadray.ingest.common import _may_contain
+
+    a = pa.array(["12", "0x1", "34", "56", None, "ab"])
+    assert _may_contain(a, (b"x",)) and _may_contain(a.slice(1, 1), (b"x",))
+    assert not _may_contain(a.slice(2, 3), (b"x",)) and not _may_contain(a.slice(0, 1), (b"x",))
+    assert _may_contain(pa.chunked_array([["1"], ["0X2"]]), (b"X",))
+    assert _may_contain(pa.array(["0x1"], pa.large_string()), (b"x",))
+    assert not _may_contain(pa.array([], pa.string()), (b"x",))

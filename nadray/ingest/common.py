@@ -217,15 +217,17 @@ def unique_names(columns: Sequence[str]) -> list[str]:
 
 
 def _may_contain(arr: pa.Array | pa.ChunkedArray, needles: Sequence[bytes]) -> bool:
-    """Whether some string of ``arr`` may contain one of ``needles``: a memchr over the
-    value bytes (a slice's buffer may hold other rows' bytes too: then a false yes)."""
+    """Whether some string of ``arr`` contains one of ``needles``: a memchr over the bytes
+    of exactly its values (a slice of a larger column copies only its own range)."""
     chunks = arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
     for c in chunks:
-        buf = c.buffers()[2] if len(c) else None
-        if buf is not None:
-            data = buf.to_pybytes()
-            if any(n in data for n in needles):
-                return True
+        if not len(c) or c.buffers()[2] is None:
+            continue
+        width = 8 if pa.types.is_large_string(c.type) else 4
+        ends = np.frombuffer(c.buffers()[1], dtype=f"<i{width}", count=len(c) + 1, offset=c.offset * width)
+        data = c.buffers()[2].slice(int(ends[0]), int(ends[-1] - ends[0])).to_pybytes()
+        if any(n in data for n in needles):
+            return True
     return False
 
 
