@@ -258,6 +258,10 @@ def _previous_same(codes: np.ndarray, gstart: np.ndarray) -> np.ndarray:
     return prev
 
 
+# Above this many (row, offset) cells _distinct_in_window loops over offsets (bounded memory).
+_DISTINCT_2D_MAX = 1 << 16
+
+
 def _distinct_in_window(codes: np.ndarray, gstart: np.ndarray, window: int,
                         rows_of_interest: np.ndarray | None = None) -> np.ndarray:
     """Distinct non-negative codes among rows [max(gstart, i-window+1), i], per row i.
@@ -277,8 +281,15 @@ def _distinct_in_window(codes: np.ndarray, gstart: np.ndarray, window: int,
     prev = _previous_same(codes, gstart)
     lo = np.maximum(gstart[todo], todo - window + 1)
     valid = np.concatenate([[0], np.cumsum(codes >= 0)])
+    span = int((todo - lo).max()) + 1
+    if len(todo) * span <= _DISTINCT_2D_MAX:
+        # Few rows (the online endpoint's new events): one (rows, span) pass instead of
+        # ``span`` passes whose fixed numpy cost dominated a one-flow request (~0.3 ms each call).
+        j = todo[:, None] - np.arange(span)[None, :]
+        repeats = ((j >= lo[:, None]) & (prev[np.maximum(j, 0)] >= lo[:, None])).sum(axis=1)
+        return (valid[todo + 1] - valid[lo] - repeats).astype("float64")
     repeats = np.zeros(len(todo), dtype="int64")
-    for k in range(int((todo - lo).max()) + 1):
+    for k in range(span):
         j = todo - k
         repeats += (j >= lo) & (prev[np.maximum(j, 0)] >= lo)
     return (valid[todo + 1] - valid[lo] - repeats).astype("float64")
@@ -551,20 +562,35 @@ def history_events(cfg_or_enc: Config | FeatureEncoder, sequence_length: int | N
 # --------------------------------------------------------------------------- windows
 
 
-def make_windows(x: np.ndarray, group_start: np.ndarray, idx: np.ndarray, sequence_length: int) -> np.ndarray:
+def window_source(x: np.ndarray) -> np.ndarray:
+    """``x`` (n, F) with the padding-mask channel (1) and one all-zero row appended: (n+1, F+1).
+
+    ``make_windows`` gathers every window from it in one pass (a padding step is the
+    zero row), instead of gathering, masking and concatenating: 5-8x faster on
+    windows of 33 steps. Build it once per event array, not once per batch.
+    """
+    n, f = x.shape
+    src = np.zeros((n + 1, f + 1), dtype="float32")
+    src[:n, :f] = x
+    src[:n, f] = 1.0
+    return src
+
+
+def make_windows(x: np.ndarray, group_start: np.ndarray, idx: np.ndarray, sequence_length: int,
+                 source: np.ndarray | None = None) -> np.ndarray:
     """Windows ending at events ``idx``: (len(idx), L+1, F+1) float32.
 
     Row k holds events [i-L, ..., i] of i = idx[k]'s entity, left-padded with zeros
     where the entity has less history; the last channel is 1 for a real event, 0 for
     padding. The LSTM reads steps 0..L-1 to predict event i and step L to classify it.
+    ``source``: ``window_source(x)``, when the caller makes many batches from one ``x``.
     """
     L = int(sequence_length)
+    src = window_source(x) if source is None else source
     idx = np.asarray(idx, dtype="int64")
     j = idx[:, None] + np.arange(-L, 1)[None, :]
-    valid = j >= group_start[idx][:, None]
-    w = x[np.where(valid, j, idx[:, None])]
-    w *= valid[:, :, None]
-    return np.concatenate([w, valid[:, :, None].astype("float32")], axis=2)
+    j = np.where(j >= group_start[idx][:, None], j, len(src) - 1)  # before the entity's start: the zero row
+    return np.take(src, j, axis=0)
 
 
 # --------------------------------------------------------------------------- online fast path (flow mode)

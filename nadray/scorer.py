@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from nadray.errors import NadrayError
 from nadray.features import (Events, FeatureEncoder, OnlineFlowEncoder, history_events, make_windows, raw_from_frame,
-                             raw_to_frame, sort_raw)
+                             raw_to_frame, sort_raw, window_source)
 from nadray.model import ModelArgs, combine_scores
 from nadray.schema import FLOW_SCHEMA
 from nadray.threshold import Threshold
@@ -188,10 +188,11 @@ class Scorer:
         idx = np.arange(len(events)) if idx is None else np.asarray(idx, dtype="int64")
         sq = np.zeros((len(idx), events.x.shape[1]), dtype="float32")
         lg = np.zeros(len(idx), dtype="float32")
+        src = window_source(events.x)
         with torch.inference_mode():
             for lo in range(0, len(idx), SCORE_BATCH):
                 w = torch.from_numpy(make_windows(events.x, events.group_start, idx[lo:lo + SCORE_BATCH],
-                                                  self.args.sequence_length))
+                                                  self.args.sequence_length, src))
                 pred, logit = self.model(w)
                 sq[lo:lo + len(w)] = squared_errors(pred, w).numpy()
                 lg[lo:lo + len(w)] = logit.numpy()

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from _iot23 import read_captures
+from nadray import features
 from nadray.config import Config, load_config
 from nadray.errors import NadrayError
 from nadray.features import FeatureEncoder, _distinct_in_window, explode, group_starts, local_sides, make_windows
@@ -134,6 +135,12 @@ def test_distinct_in_window_matches_brute_force(codes, group_sizes, window, data
     ent = np.concatenate([ent, np.full(len(codes) - len(ent), len(group_sizes))])
     gs = group_starts(ent)
     want = np.array([len({c for c in codes[max(gs[i], i - window + 1): i + 1] if c >= 0}) for i in range(len(codes))])
-    assert np.array_equal(_distinct_in_window(codes, gs, window), want)
     rows = np.array(sorted(data.draw(st.sets(st.integers(0, len(codes) - 1)))), dtype="int64")
-    assert np.array_equal(_distinct_in_window(codes, gs, window, rows), want[rows])
+    default = features._DISTINCT_2D_MAX
+    try:
+        for limit in (default, 0):  # the one-pass (few rows) and the per-offset loop (many rows) branches
+            features._DISTINCT_2D_MAX = limit
+            assert np.array_equal(_distinct_in_window(codes, gs, window), want)
+            assert np.array_equal(_distinct_in_window(codes, gs, window, rows), want[rows])
+    finally:
+        features._DISTINCT_2D_MAX = default
