@@ -596,7 +596,8 @@ def entity_scales(entity: np.ndarray, err: np.ndarray) -> dict[str, Any]:
     """Per-entity typical unsupervised error on the training split, credibility-weighted.
 
     entity : (n,) entity ids of the training events; err : (n,) their errors.
-    Returns {"global": g, "k": k, "entities": {entity: z * mean_e + (1 - z) * g}} with
+    Returns {"global": g, "k": k, "prior_events": max(k, MIN_PRIOR_EVENTS),
+    "entities": {entity: z * mean_e + (1 - z) * g}} with
     z = n_e / (n_e + max(k, MIN_PRIOR_EVENTS)) (Bühlmann credibility). k = EPV / VHM is
     estimated from the data:
     the expected variance of an entity's errors (EPV) over the variance of the entities'
@@ -616,7 +617,9 @@ def entity_scales(entity: np.ndarray, err: np.ndarray) -> dict[str, Any]:
     kk = max(k, MIN_PRIOR_EVENTS)
     z = agg["count"] / (agg["count"] + kk) if np.isfinite(kk) else agg["count"] * 0.0
     scale = z * agg["mean"] + (1.0 - z) * g
+    # "k" is the estimate, "prior_events" the population weight the scales used (None: all population).
     return {"global": g, "k": float(k) if np.isfinite(k) else None,
+            "prior_events": float(kk) if np.isfinite(kk) else None,
             "entities": {str(e): max(float(v), 1e-12) for e, v in scale.items()}}
 
 

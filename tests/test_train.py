@@ -122,6 +122,7 @@ def test_entity_scales_weigh_each_host_by_how_much_hosts_really_differ():
     s = entity_scales(ent, err)
     g = err.mean()
     assert s["k"] < 0.01 and s["global"] == pytest.approx(g)  # k estimated ~0, one pseudo-event used
+    assert s["prior_events"] == 1.0
     assert s["entities"]["a"] == pytest.approx((24 * err[:24].mean() + g) / 25)
     assert s["entities"]["b"] == pytest.approx((24 * err[24:].mean() + g) / 25)
 
@@ -149,7 +150,7 @@ def test_entity_scales_weigh_each_host_by_how_much_hosts_really_differ():
     # One event per host: noise cannot be told from difference, so the population decides.
     assert credibility_k(np.array([1.0, 5.0]), np.array([np.nan, np.nan]), np.array([1, 1])) == np.inf
     one = entity_scales(np.array(["x"] * 4, dtype=object), np.array([1.0, 2.0, 3.0, 4.0]))
-    assert one["k"] is None and one["entities"]["x"] == pytest.approx(2.5)
+    assert one["k"] is None and one["prior_events"] is None and one["entities"]["x"] == pytest.approx(2.5)
 
 
 @pytest.mark.timeout(300)
