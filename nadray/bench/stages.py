@@ -6,7 +6,7 @@
   same model over the same number of windows (measured before and after), and vs
   scikit-learn IsolationForest ``score_samples`` on the same rows and feature count.
 - ``bench_serve``: the nadray Serve app vs a no-op Serve app on the same HTTP path,
-  requests alternated; batched throughput vs ``Scorer.score_online`` in process.
+  requests alternated; batched throughput vs ``Scorer.score_online_arrays`` in process.
 - ``bench_train``: ``train_loop_per_worker`` in one Ray Train worker vs the same
   function run in process with the few ``ray.train`` calls stubbed.
 """
@@ -343,7 +343,8 @@ def bench_serve(ref: str, base: pa.Table, n_seq: int, n_batches: int, batch_flow
                 serve.delete(app)
             except Exception:
                 pass
-    # In process: the same batches through score_online, one torch thread like a scorer replica.
+    # In process: the same batches through score_online_arrays (what a Serve replica calls:
+    # entity and score, no output DataFrame), one torch thread like a scorer replica.
     scorer = Scorer.from_ref(ref)
     old = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -352,13 +353,13 @@ def bench_serve(ref: str, base: pa.Table, n_seq: int, n_batches: int, batch_flow
         ctx = scorer.new_context(100_000)
         t = time.perf_counter()
         for tb in batch_tables:
-            scorer.score_online(tb, ctx)
+            scorer.score_online_arrays(tb, ctx)
         inproc_fps = n_batches * batch_flows / (time.perf_counter() - t)
         # The one-flow requests' own scoring cost, to split the added latency (BENCHMARKS.md).
         ctx1, one = scorer.new_context(100_000), []
         for i in range(min(n_seq + 20, 220)):
             t = time.perf_counter()
-            scorer.score_online(flows.slice(i, 1), ctx1)
+            scorer.score_online_arrays(flows.slice(i, 1), ctx1)
             one.append((time.perf_counter() - t) * 1e3)
         mem = context_bytes_per_entity(scorer, base, n_entities)
     finally:
