@@ -37,16 +37,23 @@ def model_ref(tmp_path_factory, shared_data):
     return reg
 
 
-@pytest.mark.parametrize("driver_rows,path", [(None, "driver"), (0, "ray-data")])
-def test_score_raw_files(ray_session, model_ref, shared_data, tmp_path, driver_rows, path):
-    """Both paths (small inputs in the driver, large ones with Ray Data) give the same rows and scores."""
+@pytest.mark.parametrize("driver_rows,path", [(None, "driver"), (0, "ray-data"), ("blocks", "driver")])
+def test_score_raw_files(ray_session, model_ref, shared_data, tmp_path, monkeypatch, driver_rows, path):
+    """Every path (small inputs in the driver; large ones with Ray Data, or in the driver in
+    entity blocks where the pool would be one actor) gives the same rows and scores."""
+    from nadray import score as score_mod
     from nadray.ingest import read_input
     from nadray.score import entity_blocks, score
 
     paths = [str(shared_data / "iot23_small_scenarios" / f"{c}-labeled.csv") for c in CAPTURES]
     out = str(tmp_path / "scores")
+    if driver_rows == "blocks":  # "large" input on this 2-CPU session: one-actor pool, so the driver, in blocks
+        monkeypatch.setattr(score_mod, "DRIVER_SCORE_ROWS", 100)
+        driver_rows = None
     report = score(model_ref, paths, out, driver_rows=driver_rows)
     assert report.path == path and report.files
+    if score_mod.DRIVER_SCORE_ROWS == 100:  # 367 flows: 4 blocks
+        assert len(report.files) > 1 and not score_mod.runs_in_driver(10**9, 1000)
     flows = pa.concat_tables([read_input(p).flows for p in paths])
     assert report.rows_scored == flows.num_rows == report.read and report.quarantined == 0
     assert "scored" in report.summary()
