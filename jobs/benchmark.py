@@ -160,6 +160,9 @@ def table(out: dict) -> str:
             row("", None, f"IsolationForest {_f(z['isolation_forest_flows_per_s'])}", z["vs_isolation_forest"])
             row("", None, f"IF read+encode+score {_f(z['isolation_forest_end_to_end_flows_per_s'])}",
                 z["vs_isolation_forest_end_to_end"])
+        rd = r.get("ray_data_largest")
+        if rd:
+            row(f"  same, Ray Data forced ({rd['flows']:,})", rd["flows_per_s"], "torch 1t (above)", rd["vs_torch"])
     if "serve" in s:
         r = s["serve"]
         row("serve p50 ms (1 flow)", r["serve_p50_ms"], f"no-op Serve {_f(r['noop_p50_ms'])}", r["serve_p50_ms"] / r["noop_p50_ms"])
