@@ -37,7 +37,7 @@ SIZES = {
     "full": dict(ingest=200_000, score=[20_000, 80_000, 320_000], seq=300, batches=60, batch_flows=100, clients=4,
                  entities=200, train_flows=60_000, train_windows=16_384, epochs=4),
     "quick": dict(ingest=100_000, score=[8_000, 24_000, 64_000], seq=120, batches=24, batch_flows=100, clients=4,
-                  entities=50, train_flows=20_000, train_windows=16_384, epochs=3),
+                  entities=50, train_flows=36_000, train_windows=16_384, epochs=3),
     "smoke": dict(ingest=5_000, score=[300, 600, 1_200], seq=10, batches=4, batch_flows=20, clients=2,
                   entities=5, train_flows=3_000, train_windows=256, epochs=2),
 }
