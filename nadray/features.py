@@ -567,7 +567,9 @@ def window_source(x: np.ndarray) -> np.ndarray:
 
     ``make_windows`` gathers every window from it in one pass (a padding step is the
     zero row), instead of gathering, masking and concatenating: 5-8x faster on
-    windows of 33 steps. Build it once per event array, not once per batch.
+    windows of 33 steps. Build it once per event array, not once per batch. Training
+    does without it: a worker's ``x`` can be the largest array it holds, and its
+    windows are a few percent of a step's time.
     """
     n, f = x.shape
     src = np.zeros((n + 1, f + 1), dtype="float32")
@@ -583,14 +585,18 @@ def make_windows(x: np.ndarray, group_start: np.ndarray, idx: np.ndarray, sequen
     Row k holds events [i-L, ..., i] of i = idx[k]'s entity, left-padded with zeros
     where the entity has less history; the last channel is 1 for a real event, 0 for
     padding. The LSTM reads steps 0..L-1 to predict event i and step L to classify it.
-    ``source``: ``window_source(x)``, when the caller makes many batches from one ``x``.
+    ``source``: ``window_source(x)``, for a caller that makes many batches from one ``x``
+    and can hold a copy of it (the scorer); without it the work is per window, not per ``x``.
     """
     L = int(sequence_length)
-    src = window_source(x) if source is None else source
     idx = np.asarray(idx, dtype="int64")
     j = idx[:, None] + np.arange(-L, 1)[None, :]
-    j = np.where(j >= group_start[idx][:, None], j, len(src) - 1)  # before the entity's start: the zero row
-    return np.take(src, j, axis=0)
+    valid = j >= group_start[idx][:, None]
+    if source is not None:
+        return np.take(source, np.where(valid, j, len(source) - 1), axis=0)  # padding: the zero row
+    w = x[np.where(valid, j, idx[:, None])]
+    w *= valid[:, :, None]
+    return np.concatenate([w, valid[:, :, None].astype("float32")], axis=2)
 
 
 # --------------------------------------------------------------------------- online fast path (flow mode)

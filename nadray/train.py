@@ -38,7 +38,7 @@ import pyarrow as pa
 from nadray import placement
 from nadray.config import Config, config_from_dict
 from nadray.errors import ConfigError, NadrayError
-from nadray.features import Events, FeatureEncoder, make_windows, window_source
+from nadray.features import Events, FeatureEncoder, make_windows
 
 log = logging.getLogger("nadray.train")
 
@@ -187,7 +187,7 @@ def eval_step(model, batch, objective: str, pos_weight: float):
 def _batch(arrays: dict[str, np.ndarray], idx: np.ndarray, L: int, device: Any = "cpu"):
     import torch
 
-    w = make_windows(arrays["x"], arrays["group_start"], idx, L, arrays.get("window_source"))
+    w = make_windows(arrays["x"], arrays["group_start"], idx, L)
     parts = (w, np.nan_to_num(arrays["label"][idx], nan=0.0), arrays["pred_mask"][idx], arrays["cls_mask"][idx])
     return tuple(torch.from_numpy(a).to(device) for a in parts)
 
@@ -279,7 +279,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                 "hidden_size": cfg.model.hidden_size, "num_layers": cfg.model.num_layers,
                                 "dropout": cfg.model.dropout, "objective": cfg.model.objective})
     arrays = {k: (ray.get(v) if isinstance(v, ray.ObjectRef) else v) for k, v in config["data"].items()}
-    arrays["window_source"] = window_source(arrays["x"])  # once per worker: every batch gathers from it
     L, objective, tc = args.sequence_length, args.objective, cfg.train
 
     ctx = ray.train.get_context()  # Ray: who am I

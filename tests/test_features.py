@@ -15,7 +15,8 @@ from _iot23 import read_captures
 from nadray import features
 from nadray.config import Config, load_config
 from nadray.errors import NadrayError
-from nadray.features import FeatureEncoder, _distinct_in_window, explode, group_starts, local_sides, make_windows
+from nadray.features import (FeatureEncoder, _distinct_in_window, explode, group_starts, local_sides, make_windows,
+                             window_source)
 from nadray.schema import FLOW_SCHEMA
 
 
@@ -118,6 +119,14 @@ def test_windows_left_padded_with_mask():
     assert w.shape == (2, 4, 3)
     assert w[0, :, 2].tolist() == [0, 0, 1, 1] and w[0, 2, :2].tolist() == [0, 1] and w[0, 3, :2].tolist() == [2, 3]
     assert w[1, :, 2].tolist() == [0, 1, 1, 1] and w[1, 0, :2].tolist() == [0, 0]
+
+
+def test_windows_from_a_window_source_are_the_same():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 5)).astype("float32")
+    gs = group_starts(np.sort(rng.integers(0, 7, 200)))
+    idx = rng.choice(200, 50, replace=False)
+    assert np.array_equal(make_windows(x, gs, idx, 9), make_windows(x, gs, idx, 9, window_source(x)))
 
 
 def test_empty_training_split_is_an_error():
