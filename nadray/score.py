@@ -94,11 +94,15 @@ def runs_in_driver(n_flows: int, driver_rows: int | None = None) -> bool:
     """
     if driver_rows is not None:
         return n_flows <= driver_rows
-    return n_flows <= DRIVER_SCORE_ROWS or _pool(_available_cpus())[0] == 1
+    if n_flows <= DRIVER_SCORE_ROWS:
+        return True
+    cpus = _available_cpus()
+    return cpus is not None and _pool(cpus)[0] == 1
 
 
-def _available_cpus() -> float:
-    """CPUs of the Ray cluster this process uses, or would start (embedded Ray takes every core)."""
+def _available_cpus() -> float | None:
+    """CPUs of the Ray cluster this process uses or would start (embedded Ray takes every
+    core); None for a cluster named by RAY_ADDRESS and not joined yet (Ray Data sizes it)."""
     import ray
 
     from nadray.runtime import cluster_cpus
@@ -106,7 +110,7 @@ def _available_cpus() -> float:
     if ray.is_initialized():
         return cluster_cpus()
     if os.environ.get("RAY_ADDRESS"):
-        return float("inf")  # a cluster, not joined yet: let Ray Data size the pool once joined
+        return None
     return float(os.cpu_count() or 1)
 
 

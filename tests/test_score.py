@@ -77,6 +77,25 @@ def test_score_raw_files(ray_session, model_ref, shared_data, tmp_path, monkeypa
             assert seen.setdefault(e, k) == k
 
 
+def test_large_inputs_stay_in_the_driver_only_where_the_pool_would_be_one_actor(monkeypatch):
+    import os
+
+    import ray
+
+    from nadray.score import DRIVER_SCORE_ROWS, runs_in_driver
+
+    big = DRIVER_SCORE_ROWS + 1
+    assert runs_in_driver(DRIVER_SCORE_ROWS) and not runs_in_driver(big, driver_rows=DRIVER_SCORE_ROWS)
+    # Before Ray starts: an embedded Ray would take every core of this machine.
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for cores, driver in ((1, True), (2, True), (4, False), (64, False)):
+        monkeypatch.setattr(os, "cpu_count", lambda c=cores: c)
+        assert runs_in_driver(big) is driver, cores
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a cluster not joined yet: Ray Data sizes the pool
+    assert not runs_in_driver(big)
+
+
 def test_bad_ref_names_it(tmp_path):
     from nadray.errors import ModelError
     from nadray.score import score
