@@ -215,21 +215,33 @@ def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto",
     if not storage.is_s3(output):
         storage.makedirs(output)
     prefix = f"scores-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
-    if runs_in_driver(flows.num_rows, driver_rows):
-        report.path = "driver"
-        n_in = flows.num_rows
-        _score_in_driver(scorer, flows, fs, path, prefix, report)
+    n_in = flows.num_rows
+    try:
+        if runs_in_driver(n_in, driver_rows):
+            report.path = "driver"
+            _score_in_driver(scorer, flows, fs, path, prefix, report)
+        else:
+            report.path = "ray-data"
+            _score_ray_data(model_ref, scorer, flows, fs, path, prefix)
+            report.files, report.rows_scored, report.anomalies = _count_written(fs, path, prefix)
         del flows
-    else:
-        report.path = "ray-data"
-        n_in = flows.num_rows
-        _score_ray_data(model_ref, scorer, flows, fs, path, prefix)
-        del flows
-        report.files, report.rows_scored, report.anomalies = _count_written(fs, path, prefix)
-    if report.rows_scored != n_in:
-        raise NadrayError(f"score: wrote {report.rows_scored} rows for {n_in} input records")
+        if report.rows_scored != n_in:
+            raise NadrayError(f"score: wrote {report.rows_scored} rows for {n_in} input records")
+    except BaseException:
+        # A failed run leaves no partial output to be mistaken for a whole one.
+        _remove_written(fs, path, prefix)
+        raise
     report.seconds = time.time() - t0
     return report
+
+
+def _remove_written(fs, path: str, prefix: str) -> None:
+    """Best effort: delete this call's files (``prefix*``); the original error is what matters."""
+    try:
+        for f in _written_files(fs, path, prefix):
+            fs.delete_file(f)
+    except Exception as e:  # noqa: BLE001 - e.g. the store went away, which the caller's error says
+        log.warning("score: could not remove the partial output %s/%s*: %s", path.rstrip("/"), prefix, e)
 
 
 def _score_in_driver(scorer, flows: pa.Table, fs, path: str, prefix: str, report: ScoreReport) -> None:
@@ -268,13 +280,18 @@ def _score_ray_data(model_ref: str, scorer, flows: pa.Table, fs, path: str, pref
                                                                                  file_format="parquet"))
 
 
+def _written_files(fs, path: str, prefix: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=False, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith(prefix))
+
+
 def _count_written(fs, path: str, prefix: str) -> tuple[list[str], int, int]:
     """(files, rows, anomalies) of the Parquet files named ``prefix*`` under ``path``: pyarrow, no Ray job."""
-    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=False))
-    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith(prefix))
+    files = _written_files(fs, path, prefix)
     rows = anomalies = 0
     for f in files:
         col = pq.read_table(f, columns=["is_anomaly"], filesystem=fs).column("is_anomaly")

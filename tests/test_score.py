@@ -77,6 +77,28 @@ def test_score_raw_files(ray_session, model_ref, shared_data, tmp_path, monkeypa
             assert seen.setdefault(e, k) == k
 
 
+def test_a_run_failing_midway_leaves_no_partial_output(ray_session, model_ref, shared_data, tmp_path, monkeypatch):
+    from nadray import score as score_mod
+    from nadray.score import score
+
+    paths = [str(shared_data / "iot23_small_scenarios" / f"{c}-labeled.csv") for c in CAPTURES]
+    out = tmp_path / "scores"
+    monkeypatch.setattr(score_mod, "DRIVER_SCORE_ROWS", 100)  # 367 flows: 4 blocks, one file each
+    calls = []
+    real = Scorer.score_table
+
+    def second_block_fails(self, flows):
+        calls.append(flows.num_rows)
+        if len(calls) == 2:
+            raise MemoryError("block 2")
+        return real(self, flows)
+
+    monkeypatch.setattr(Scorer, "score_table", second_block_fails)
+    with pytest.raises(MemoryError, match="block 2"):
+        score(model_ref, paths, str(out))
+    assert len(calls) == 2 and out.is_dir() and not list(out.iterdir())  # block 1's file was removed
+
+
 def test_large_inputs_stay_in_the_driver_only_where_the_pool_would_be_one_actor(monkeypatch):
     import os
 
