@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("score", help="batch scoring with Ray Data")
+    p = sub.add_parser("score", help="batch scoring: Parquet scores per flow (Ray Data actors for large inputs)")
     p.add_argument("--model", required=True, metavar="REF")
     p.add_argument("--input", required=True, nargs="+", metavar="PATH_OR_URI")
     p.add_argument("--output", required=True, metavar="URI")
