@@ -25,9 +25,9 @@ import pandas as pd
 import pyarrow as pa
 
 from nadray.errors import NadrayError
-from nadray.features import (Events, FeatureEncoder, OnlineFlowEncoder, history_events, make_windows, raw_from_frame,
-                             raw_to_frame, sort_raw, window_source)
+from nadray.features import Events, FeatureEncoder, history_events, make_windows, sort_raw, window_source
 from nadray.model import ModelArgs, combine_scores
+from nadray.online_features import OnlineFlowEncoder, raw_from_frame, raw_to_frame
 from nadray.schema import FLOW_SCHEMA
 from nadray.threshold import Threshold
 
@@ -39,7 +39,7 @@ SCORE_BATCH = 8192
 
 
 class RawHistory:
-    """One entity's last raw events in flow mode: one small ``features.RAW_DTYPE`` array.
+    """One entity's last raw events in flow mode: one small ``online_features.RAW_DTYPE`` array.
 
     About 130 bytes per event (strings shared), instead of a DataFrame's ~300 plus
     its fixed overhead; ``to_frame`` gives the DataFrame the pandas path uses.

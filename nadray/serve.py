@@ -31,7 +31,7 @@ batch ran) are concatenated (each caller's records kept together and in order) a
 scored in one ``score_online`` call; batches run one at a time under a lock, so
 context updates are ordered. Batches up to ``shard.INLINE_ROWS`` flows are scored
 on the event loop (no thread hand-off); ``score_online`` takes a numpy fast path
-for flow-mode records in time order (``features.OnlineFlowEncoder``).
+for flow-mode records in time order (``online_features.OnlineFlowEncoder``).
 
 *Model updates.* The ingress polls ``champion.json`` every ``poll_champion_s``
 (``POST /admin/reload`` checks at once; a ``REF@VERSION`` is pinned and never

@@ -10,7 +10,8 @@ import torch
 
 from _iot23 import read_captures
 from nadray.config import load_config
-from nadray.features import FeatureEncoder, OnlineFlowEncoder, explode, group_starts, raw_from_frame, raw_to_frame
+from nadray.features import FeatureEncoder, explode, group_starts
+from nadray.online_features import OnlineFlowEncoder, raw_from_frame, raw_to_frame
 from nadray.model import EventLSTM, ModelArgs
 from nadray.scorer import RawHistory, Scorer
 from nadray.threshold import Threshold
