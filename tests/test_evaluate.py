@@ -10,11 +10,10 @@ import pytest
 from test_baselines import iot23
 
 from nadray.config import Config, set_key
+from nadray.cs448b_experiment import cs448b_daily_ewma, cs448b_experiment
 from nadray.errors import InputError
 from nadray.evaluate import (
     SplitMasks,
-    cs448b_daily_ewma,
-    cs448b_experiment,
     evaluate_split,
     score_split,
     split_masks,

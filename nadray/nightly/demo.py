@@ -10,7 +10,7 @@ Everything runs locally (embedded Ray, folders under DIR):
   champion are compared on the newest window, promotion is decided, drift reported;
 - the founding cs448b experiment: daily bins per host, trained on July 2006,
   scored on August-September, compared with the investigation dates
-  (``evaluate.cs448b_experiment``), with its own page DIR/cs448b/report.html.
+  (``cs448b_experiment.cs448b_experiment``), with its own page DIR/cs448b/report.html.
 
 Rerunning is idempotent: nights already complete are no-ops and the cs448b result
 is reused (``--reset`` starts from an empty DIR).
@@ -66,7 +66,7 @@ def cs448b_experiment(workdir: str) -> dict[str, Any]:
     from nadray import datasets
     from nadray.archive import read_flows
     from nadray.config import load_config
-    from nadray.evaluate import cs448b_experiment as experiment
+    from nadray.cs448b_experiment import cs448b_experiment as experiment
     from nadray.ingest import ingest
     from nadray.registry import champion
     from nadray.scorer import Scorer
