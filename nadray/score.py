@@ -20,8 +20,9 @@ model load, ``from_arrow``, the write), about what one Scorer needs for
 itself. Larger inputs go through Ray Data, unless the pool would be one actor
 (a cluster of at most 2 CPUs, see ``_pool``): one actor does the driver's work
 in series plus that fixed cost (320k flows: 31 s against 22 s), so the driver
-then scores the same whole-entity blocks one after another, which keeps its
-memory bounded by a block as the actors' is. All paths give the same rows and
+then scores the same whole-entity blocks one after another, so that scoring's
+working memory is bounded by a block, as on the actors. A failed run removes the
+files it wrote. All paths give the same rows and
 scores (tests/test_score.py), and all count what they wrote without a second
 Ray job (Parquet footers and one boolean column, read with pyarrow).
 """
