@@ -102,6 +102,11 @@ class OnlineFlowEncoder:
         self.vocab_index = {col: {v: i for i, v in enumerate(enc.vocab_[col])} for col in VOCAB_SIZES}
         self._cat_codes: dict[str, dict] = {col: {} for col in VOCAB_SIZES}
         self._local: tuple[dict, dict] = ({}, {})  # host -> is local; source side, destination side
+        # One-hot rows per vocabulary, built once: np.eye per call was a fifth of encode_rows.
+        self._eyes = {col: np.eye(len(self.vocab_index[col]) + 1, dtype="float32") for col in VOCAB_SIZES}
+        # The last schema explode accepted: a stream's requests share one, and checking it
+        # field by field was a quarter of explode's time for one flow.
+        self._schema_ok: pa.Schema | None = None
 
     # ------------------------------------------------------------------ stage 1
     def _sides(self, hosts: list, which: int) -> np.ndarray:
@@ -116,29 +121,39 @@ class OnlineFlowEncoder:
             out[i] = v
         return out
 
+    @staticmethod
+    def _schema_handled(schema: pa.Schema) -> bool:
+        """Is ``schema`` the canonical flow schema (up to optional columns) this path handles?"""
+        names = set(schema.names)
+        if not {"ts", "src_ip", "dst_ip", "source", "source_row"} <= names:
+            return False
+        ts_t = schema.field("ts").type
+        if not (pa.types.is_timestamp(ts_t) and ts_t.unit == "us"):
+            return False
+        for c in ("src_ip", "dst_ip", "source"):
+            if not pa.types.is_string(schema.field(c).type) and not pa.types.is_large_string(schema.field(c).type):
+                return False
+        if not pa.types.is_integer(schema.field("source_row").type):
+            return False
+        for c in ("src_bytes", "dst_bytes", "src_pkts", "dst_pkts", "duration", "flows", "dst_port", "label"):
+            if c in names and not any(f(schema.field(c).type) for f in _NUMERIC_TYPES):
+                return False
+        for c in ("proto", "conn_state", "service"):
+            if c in names and not (pa.types.is_string(schema.field(c).type) or pa.types.is_null(schema.field(c).type)):
+                return False
+        for c in ("local_orig", "local_resp"):
+            if c in names and not (pa.types.is_boolean(schema.field(c).type) or pa.types.is_null(schema.field(c).type)):
+                return False
+        return True
+
     def explode(self, flows: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Stage 1 without pandas: events in (side, flow) order, NOT sorted (the caller groups them)."""
         schema = flows.schema
         names = set(schema.names)
-        if not {"ts", "src_ip", "dst_ip", "source", "source_row"} <= names:
-            return None
-        ts_t = schema.field("ts").type
-        if not (pa.types.is_timestamp(ts_t) and ts_t.unit == "us"):
-            return None
-        for c in ("src_ip", "dst_ip", "source"):
-            if not pa.types.is_string(schema.field(c).type) and not pa.types.is_large_string(schema.field(c).type):
+        if not (self._schema_ok is not None and schema.equals(self._schema_ok)):
+            if not self._schema_handled(schema):
                 return None
-        if not pa.types.is_integer(schema.field("source_row").type):
-            return None
-        for c in ("src_bytes", "dst_bytes", "src_pkts", "dst_pkts", "duration", "flows", "dst_port", "label"):
-            if c in names and not any(f(schema.field(c).type) for f in _NUMERIC_TYPES):
-                return None
-        for c in ("proto", "conn_state", "service"):
-            if c in names and not (pa.types.is_string(schema.field(c).type) or pa.types.is_null(schema.field(c).type)):
-                return None
-        for c in ("local_orig", "local_resp"):
-            if c in names and not (pa.types.is_boolean(schema.field(c).type) or pa.types.is_null(schema.field(c).type)):
-                return None
+            self._schema_ok = schema
         if any(flows.column(c).null_count for c in ("ts", "src_ip", "dst_ip", "source", "source_row")):
             return None
         n = flows.num_rows
@@ -180,21 +195,18 @@ class OnlineFlowEncoder:
         b = {c: num(c) for c in ("src_bytes", "dst_bytes", "src_pkts", "dst_pkts")}
         src_obj = _intern_all(src_ip)
         dst_obj = _intern_all(dst_ip)
-        idx = np.arange(n, dtype="int64")
-        ents, evs, fis = [], [], []
-        for side, mask, ent, peer, out_b, in_b, out_p, in_p in (
-            (0, src_event, src_obj, dst_obj, "src_bytes", "dst_bytes", "src_pkts", "dst_pkts"),
-            (1, dst_event, dst_obj, src_obj, "dst_bytes", "src_bytes", "dst_pkts", "src_pkts"),
-        ):
-            part = common[mask]
-            part["side"] = side
-            part["peer"] = peer[mask]
-            part["bytes_out"], part["bytes_in"] = b[out_b][mask], b[in_b][mask]
-            part["pkts_out"], part["pkts_in"] = b[out_p][mask], b[in_p][mask]
-            ents.append(ent[mask])
-            evs.append(part)
-            fis.append(idx[mask])
-        return np.concatenate(ents), np.concatenate(evs), np.concatenate(fis)
+        # One gather for both sides' events (source side first), then the fields that swap.
+        fi = np.concatenate([np.flatnonzero(src_event), np.flatnonzero(dst_event)])
+        k = int(src_event.sum())
+        ev = common[fi]
+        src_side = np.arange(len(fi)) < k
+        ev["side"] = ~src_side
+        ev["peer"] = np.where(src_side, dst_obj[fi], src_obj[fi])
+        for out_name, in_name, mine, theirs in (("bytes_out", "bytes_in", "src_bytes", "dst_bytes"),
+                                                ("pkts_out", "pkts_in", "src_pkts", "dst_pkts")):
+            a, z = b[mine][fi], b[theirs][fi]
+            ev[out_name], ev[in_name] = np.where(src_side, a, z), np.where(src_side, z, a)
+        return np.where(src_side, src_obj[fi], dst_obj[fi]), ev, fi
 
     @staticmethod
     def flows_in_order(flows: pa.Table) -> bool:
@@ -238,8 +250,7 @@ class OnlineFlowEncoder:
         rows = np.asarray(rows, dtype="int64")
         C = self.window
         sub = ev[rows]
-        l1p = lambda c: np.log1p(np.clip(sub[c].astype("float64"), 0, None))  # noqa: E731
-        cols = [l1p("bytes_out"), l1p("bytes_in"), l1p("pkts_out"), l1p("pkts_in"), l1p("duration"), l1p("flows")]
+        sizes = np.column_stack([sub[c] for c in ("bytes_out", "bytes_in", "pkts_out", "pkts_in", "duration", "flows")])
         ts = ev["ts"].astype("int64")
         gs_r = group_start[rows]
         first = rows == gs_r
@@ -249,18 +260,16 @@ class OnlineFlowEncoder:
         codes: dict = {}
         peers = np.fromiter((codes.setdefault(p, len(codes)) for p in ev["peer"].tolist()), dtype="int64", count=len(ev))
         ports = ev["port"].astype("float64")
-        pcodes = np.where(np.isnan(ports), -1, np.nan_to_num(ports, nan=-1)).astype("int64")
-        cols += [
-            np.log1p(np.clip(dt, 0, None)),
-            _distinct_in_window(peers, group_start, C, rows) / wlen,
-            _distinct_in_window(pcodes, group_start, C, rows) / wlen,
-        ]
-        cont = np.nan_to_num(np.column_stack(cols), nan=0.0, posinf=0.0, neginf=0.0)
+        pcodes = np.where(np.isnan(ports), -1.0, ports).astype("int64")  # the batch path's nan_to_num form, for finite ports
+        # FLOW_CONTINUOUS order; the same operations as FeatureEncoder._continuous, on one block.
+        logs = np.log1p(np.clip(np.column_stack([sizes, dt]), 0, None))
+        cont = np.column_stack([logs, _distinct_in_window(peers, group_start, C, rows) / wlen,
+                                _distinct_in_window(pcodes, group_start, C, rows) / wlen])
+        cont = np.where(np.isfinite(cont), cont, 0.0)  # nan_to_num(nan=0, posinf=0, neginf=0)
         cont = (cont - self.mean) / self.std
         blocks = [cont.astype("float32"), _EYE4[sub["direction"].astype("int64")]]
         for col in VOCAB_SIZES:
-            k = len(self.vocab_index[col]) + 1
-            blocks.append(np.eye(k, dtype="float32")[self._cat_code(col, sub[col])])
+            blocks.append(self._eyes[col][self._cat_code(col, sub[col])])
         p = sub["port"].astype("float64")
         pclass = np.where(np.isnan(p), 3, np.where(p < 1024, 0, np.where(p < 49152, 1, 2)))
         blocks.append(_EYE4[pclass])
