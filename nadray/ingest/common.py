@@ -172,9 +172,12 @@ def split_records(
     return Records(columns, table, np.asarray(good_idx, dtype=np.int64), good, bad, len(lines))
 
 
-def _read_strings(blob: bytes, columns: list[str], sep: bytes, expected: int,
+def _read_strings(blob: bytes | pa.Buffer, columns: list[str], sep: bytes, expected: int | None,
                   keep: Iterable[str] | None = None, terminated: bool = False) -> pa.Table:
-    """``expected`` records of ``blob`` as string columns; ``terminated``: ``blob`` already ends with a newline."""
+    """The records of ``blob`` as string columns; ``terminated``: ``blob`` already ends with a newline.
+
+    ``expected``: the record count (0 reads nothing); None where the caller knows that
+    each line is one record and takes the count from the table."""
     uniq = unique_names(columns)
     keep_set = set(keep) if keep is not None else None
     if expected == 0:
@@ -193,7 +196,7 @@ def _read_strings(blob: bytes, columns: list[str], sep: bytes, expected: int,
             null_values=[], quoted_strings_can_be_null=False, include_columns=include,
         ),
     )
-    if table.num_rows != expected:  # pragma: no cover - guarded by the field-count check
+    if expected is not None and table.num_rows != expected:  # pragma: no cover - guarded by the field-count check
         raise InputError(f"internal: parsed {table.num_rows} records, expected {expected}")
     back = dict(zip(names, uniq))
     return table.rename_columns([back[n] for n in table.column_names])
@@ -628,8 +631,9 @@ class _Lines(Sequence):
     value that breaks a rule), so most files are never split into lines.
     """
 
-    def __init__(self, body: bytes, n: int):
+    def __init__(self, body: bytes, n: int, start: int = 0):
         self._body = body
+        self._start = start
         self._n = n
         self._lines: list[bytes] | None = None
         self._lock = threading.Lock()  # convert_in_chunks' pieces share one instance
@@ -637,7 +641,7 @@ class _Lines(Sequence):
     def _split(self) -> list[bytes]:
         with self._lock:
             if self._lines is None:
-                self._lines = self._body[:-1].split(b"\n")
+                self._lines = self._body[self._start:-1].split(b"\n")
         return self._lines
 
     def __len__(self) -> int:
@@ -655,39 +659,44 @@ def _blank(line: bytes) -> bool:
 _TRIMMED = (b" ", b"\t", b"\x0b", b"\x0c", b"\r", b"\x1c", b"\x1d", b"\x1e", b"\x1f")
 
 
-def has_padding(body: bytes) -> bool:
-    """Whether some value of ``body`` may carry whitespace that trimming would remove.
+def has_padding(body: bytes, start: int = 0) -> bool:
+    """Whether some value of ``body[start:]`` may carry whitespace that trimming would remove.
 
     False only for ASCII text without any whitespace byte but LF (a few memchr scans):
     then every ``utf8_trim_whitespace`` of its fields is a no-op and can be skipped.
+    The ASCII check covers all of ``body``: True errs on the safe side (trimming runs).
     """
-    return not body.isascii() or any(c in body for c in _TRIMMED)
+    return not body.isascii() or any(body.find(c, start) >= 0 for c in _TRIMMED)
 
 
-def fast_records(body: bytes, columns: list[str], sep: bytes, keep: Iterable[str] | None = None) -> Records | None:
-    """Clean-file fast path: parse ``body`` (data records only) in one ``pyarrow.csv`` call.
+def fast_records(body: bytes, columns: list[str], sep: bytes, keep: Iterable[str] | None = None,
+                 start: int = 0) -> Records | None:
+    """Clean-file fast path: parse the records ``body[start:]`` in one ``pyarrow.csv`` call.
 
+    ``start`` skips a header without slicing: a slice copies the whole file.
     Returns None (use ``split_records``) unless every line is a non-blank record
     with the right field count, valid UTF-8 and no carriage return; pyarrow
     itself rejects a wrong field count or bad UTF-8, so nothing is checked per line,
     and the body is split into lines only if a record must be quarantined later.
     """
-    if not body or b"\r" in body or body[:1] in (b"\n", b" ", b"\t"):
+    if start >= len(body) or body.find(b"\r", start) >= 0 or body[start:start + 1] in (b"\n", b" ", b"\t"):
         return None
     if not body.endswith(b"\n"):
         body += b"\n"
-    n = body.count(b"\n")
-    first = body[:body.find(b"\n")]
-    last = body[body.rfind(b"\n", 0, len(body) - 1) + 1:-1]
+    first = body[start:body.find(b"\n", start)]
+    last = body[body.rfind(b"\n", start, len(body) - 1) + 1:-1]
     if _blank(first) or _blank(last):
         return None
     try:
-        table = _read_strings(body, columns, sep, n, keep, terminated=True)
+        # With no quoting and no newlines in values, each line is one record: the table's
+        # row count is the line count (counting LFs would be another pass over the file).
+        table = _read_strings(pa.py_buffer(body).slice(start), columns, sep, None, keep, terminated=True)
     except (pa.ArrowInvalid, InputError):
         return None
+    n = table.num_rows
     # pyarrow reads a blank line as a record of empty fields; those go to split_records,
     # which drops them. Searching the body for b"\n\n" is slow (LF is everywhere), so look
     # only when some record has an empty first field, as a blank line's would.
-    if (not table.num_columns or pc.any(pc.equal(table.column(0), "")).as_py()) and b"\n\n" in body:
+    if (not table.num_columns or pc.any(pc.equal(table.column(0), "")).as_py()) and body.find(b"\n\n", start) >= 0:
         return None
-    return Records(columns, table, np.arange(n, dtype=np.int64), _Lines(body, n), [], n)
+    return Records(columns, table, np.arange(n, dtype=np.int64), _Lines(body, n, start), [], n)

@@ -172,14 +172,14 @@ def _read_csv_fast(data: bytes, source: str) -> ReadResult | None:
     start = first.lstrip()
     if not start.strip() or start[:1] in (b"#", b"{") or first[:1] in (b" ", b"\t"):
         return None
-    body = data[nl + 1:]
-    if not body[:1] or body[:1] == b"\n":
+    start = nl + 1  # the records: data[start:], never sliced off (that would copy the file)
+    if data[start:start + 1] in (b"", b"\n"):
         return None
     columns, sep = _csv_header(first, source)
-    recs = fast_records(body, columns, sep, keep=USED)
+    recs = fast_records(data, columns, sep, keep=USED, start=start)
     if recs is None:
         return None
-    return _convert(recs, source, nulls=("", "-", "(empty)"), padded=has_padding(body))
+    return _convert(recs, source, nulls=("", "-", "(empty)"), padded=has_padding(data, start))
 
 
 def _read_csv(lines: list[bytes], source: str) -> ReadResult:
@@ -255,8 +255,10 @@ def _check_columns(columns: list[str], source: str) -> None:
 
 def _bool(v: Validator, arr: pa.Array, name: str, nulls, strip=pc.utf8_trim_whitespace) -> pa.Array:
     arr = strip(arr)
-    low = pc.utf8_lower(arr)
     isnull = v._null_mask(arr, nulls)
+    if pc.all(isnull).as_py():  # unset in the whole log, as in most captures: nothing to read
+        return pa.nulls(len(arr), pa.bool_())
+    low = pc.utf8_lower(arr)
     t = pc.is_in(low, value_set=pa.array(["t", "true", "1"]))
     f = pc.is_in(low, value_set=pa.array(["f", "false", "0"]))
     v.fail(pc.and_(pc.invert(isnull), pc.invert(pc.or_(t, f))), name, "T or F", arr)
