@@ -482,6 +482,38 @@ def test_zeek_csv_fast_path_matches_line_path(variant):
         assert 5 in fast.quarantine["source_row"].to_pylist()
 
 
+@pytest.mark.parametrize("variant", ["clean", "close", "close-no-final-newline", "no-final-newline", "bad-value",
+                                     "comment-middle", "spaced"])
+def test_zeek_tsv_fast_path_matches_line_path(shared_data, variant):
+    """The plain-TSV path (the records between the header and '#close' straight to pyarrow,
+    by offset into the file) gives the rows and quarantine of the line-by-line path."""
+    from nadray.ingest import zeek
+    from nadray.ingest.common import split_lines
+
+    lines = (shared_data / SLIPS / "port-scans" / "horizontal" / "conn.log").read_bytes().split(b"\n")
+    header, recs = lines[:8], lines[8:28]
+    if variant == "bad-value":
+        recs[0] = recs[0].replace(b"\t261\t", b"\t-5\t")
+        recs[5] = recs[5].replace(b"\t80\t", b"\t0x50\t", 1)  # Zeek ports are decimal
+    elif variant == "comment-middle":
+        recs.insert(4, b"#note\tsomething")
+    elif variant == "spaced":
+        recs[3] = recs[3].replace(b"\ttcp\t", b"\t   tcp\t")
+    data = b"\n".join(header + recs) + b"\n"
+    if variant.startswith("close"):
+        data += b"#close\t2015-11-18-16-40-00" + (b"" if variant.endswith("no-final-newline") else b"\n")
+    elif variant == "no-final-newline":
+        data = data[:-1]
+    fast = zeek.read(data, "conn.log")
+    slow = zeek._read_tsv(split_lines(data), "conn.log")
+    took_fast = zeek._read_tsv_fast(data, "conn.log") is not None
+    assert took_fast == (variant not in ("comment-middle", "spaced"))
+    assert _rows(fast) == _rows(slow)
+    assert fast.read == len(recs) - (variant == "comment-middle")
+    if variant == "bad-value":
+        assert fast.quarantine["source_row"].to_pylist() == [0, 5]
+
+
 @pytest.mark.parametrize("variant", ["bad-value", "wrong-field-count", "empty-fields-row", "padded", "mixed"])
 def test_conversion_in_row_chunks_equals_one_piece(variant, monkeypatch):
     """Large inputs are converted on several threads (``convert_in_chunks``): the same flows

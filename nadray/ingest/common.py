@@ -631,9 +631,9 @@ class _Lines(Sequence):
     value that breaks a rule), so most files are never split into lines.
     """
 
-    def __init__(self, body: bytes, n: int, start: int = 0):
+    def __init__(self, body: bytes, n: int, start: int = 0, end: int | None = None):
         self._body = body
-        self._start = start
+        self._start, self._end = start, len(body) if end is None else end  # body[start:end], LF-terminated
         self._n = n
         self._lines: list[bytes] | None = None
         self._lock = threading.Lock()  # convert_in_chunks' pieces share one instance
@@ -641,7 +641,7 @@ class _Lines(Sequence):
     def _split(self) -> list[bytes]:
         with self._lock:
             if self._lines is None:
-                self._lines = self._body[self._start:-1].split(b"\n")
+                self._lines = self._body[self._start:self._end - 1].split(b"\n")
         return self._lines
 
     def __len__(self) -> int:
@@ -670,33 +670,35 @@ def has_padding(body: bytes, start: int = 0) -> bool:
 
 
 def fast_records(body: bytes, columns: list[str], sep: bytes, keep: Iterable[str] | None = None,
-                 start: int = 0) -> Records | None:
-    """Clean-file fast path: parse the records ``body[start:]`` in one ``pyarrow.csv`` call.
+                 start: int = 0, end: int | None = None) -> Records | None:
+    """Clean-file fast path: parse the records ``body[start:end]`` in one ``pyarrow.csv`` call.
 
-    ``start`` skips a header without slicing: a slice copies the whole file.
-    Returns None (use ``split_records``) unless every line is a non-blank record
-    with the right field count, valid UTF-8 and no carriage return; pyarrow
-    itself rejects a wrong field count or bad UTF-8, so nothing is checked per line,
-    and the body is split into lines only if a record must be quarantined later.
+    ``start`` and ``end`` skip a header and a trailer without slicing: a slice copies
+    the whole file. Returns None (use ``split_records``) unless every line is a
+    non-blank record with the right field count, valid UTF-8 and no carriage return;
+    pyarrow itself rejects a wrong field count or bad UTF-8, so nothing is checked per
+    line, and the records are split into lines only if one must be quarantined later.
     """
-    if start >= len(body) or body.find(b"\r", start) >= 0 or body[start:start + 1] in (b"\n", b" ", b"\t"):
+    end = len(body) if end is None else end
+    if start >= end or body.find(b"\r", start, end) >= 0 or body[start:start + 1] in (b"\n", b" ", b"\t"):
         return None
-    if not body.endswith(b"\n"):
-        body += b"\n"
-    first = body[start:body.find(b"\n", start)]
-    last = body[body.rfind(b"\n", start, len(body) - 1) + 1:-1]
+    if body[end - 1:end] != b"\n":
+        body, end = body[:end] + b"\n", end + 1
+    first = body[start:body.find(b"\n", start, end)]
+    last = body[body.rfind(b"\n", start, end - 1) + 1:end - 1]
     if _blank(first) or _blank(last):
         return None
     try:
         # With no quoting and no newlines in values, each line is one record: the table's
         # row count is the line count (counting LFs would be another pass over the file).
-        table = _read_strings(pa.py_buffer(body).slice(start), columns, sep, None, keep, terminated=True)
+        table = _read_strings(pa.py_buffer(body).slice(start, end - start), columns, sep, None, keep, terminated=True)
     except (pa.ArrowInvalid, InputError):
         return None
     n = table.num_rows
     # pyarrow reads a blank line as a record of empty fields; those go to split_records,
     # which drops them. Searching the body for b"\n\n" is slow (LF is everywhere), so look
     # only when some record has an empty first field, as a blank line's would.
-    if (not table.num_columns or pc.any(pc.equal(table.column(0), "")).as_py()) and body.find(b"\n\n", start) >= 0:
+    if (not table.num_columns or pc.any(pc.equal(table.column(0), "")).as_py()) and \
+            body.find(b"\n\n", start, end) >= 0:
         return None
-    return Records(columns, table, np.arange(n, dtype=np.int64), _Lines(body, n, start), [], n)
+    return Records(columns, table, np.arange(n, dtype=np.int64), _Lines(body, n, start, end), [], n)

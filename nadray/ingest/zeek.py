@@ -88,11 +88,12 @@ def _read_tsv_fast(data: bytes, source: str) -> ReadResult | None:
             return None
         header.append(data[pos:end])
         pos = end + 1
-    body = data[pos:]
-    tail = body.rfind(b"\n#close")
-    if tail >= 0 and b"\n" not in body[tail + 1:].rstrip(b"\n"):
-        body = body[:tail + 1]
-    if b"\n#" in body or b"   " in body or b"\t#" in body[:1]:
+    # The records are data[start:end], never sliced off (that would copy the file).
+    start, end = pos, len(data)
+    tail = data.rfind(b"\n#close", start)
+    if tail >= 0 and b"\n" not in data[tail + 1:].rstrip(b"\n"):
+        end = tail + 1
+    if data.find(b"\n#", start, end) >= 0 or data.find(b"   ", start, end) >= 0:
         return None
     fields = next((h for h in header if h.startswith(b"#fields\t")), None)
     if fields is None or b" " in fields:
@@ -101,7 +102,7 @@ def _read_tsv_fast(data: bytes, source: str) -> ReadResult | None:
     _check_columns(columns, source)
     unset = next((h.split(b"\t", 1)[1].decode() for h in header if h.startswith(b"#unset_field\t")), "-")
     empty = next((h.split(b"\t", 1)[1].decode() for h in header if h.startswith(b"#empty_field\t")), "(empty)")
-    recs = fast_records(body, columns, b"\t", keep=USED)
+    recs = fast_records(data, columns, b"\t", keep=USED, start=start, end=end)
     if recs is None:
         return None
     return _convert(recs, source, nulls=(unset, empty, ""), trim=False)
