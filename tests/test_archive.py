@@ -42,6 +42,21 @@ def test_partitions_and_ranges(tmp_path):
     assert archive.count_rows(a) == 4
 
 
+def test_each_part_holds_its_utc_day_in_time_order(tmp_path):
+    """Day boundaries to the microsecond, the epoch's own day, and every part file sorted by
+    (ts, source, source_row) on its own (readers of one part rely on it)."""
+    a = str(tmp_path / "a")
+    times = ["2020-01-02T00:00:00", "2020-01-01T23:59:59.999999", "1970-01-01T00:00:00", "2020-01-02T00:00:00",
+             "2020-01-01T00:00:00.000001", "2020-01-01T23:59:59.999999"]
+    rows = [{"ts": dt.datetime.fromisoformat(t + "+00:00"), "src_ip": "10.0.0.1", "dst_ip": "10.0.0.2",
+             "proto": "tcp", "flows": 1, "source": src, "source_row": i}
+            for i, (t, src) in enumerate(zip(times, ["b", "a", "a", "a", "a", "a"]))]
+    parts = archive.write_flows(a, pa.Table.from_pylist(rows, schema=FLOW_SCHEMA), key="k")
+    got = {os.path.basename(os.path.dirname(p)): pq.read_table(p) for p in parts}
+    assert list(got) == ["date=1970-01-01", "date=2020-01-01", "date=2020-01-02"]
+    assert [got[d]["source_row"].to_pylist() for d in got] == [[2], [4, 1, 5], [3, 0]]
+
+
 def test_temporary_files_are_invisible(tmp_path):
     a = str(tmp_path / "a")
     archive.write_flows(a, _flows(["2020-01-01"]), key="k1")
