@@ -218,31 +218,37 @@ def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto",
     prefix = f"scores-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     n_in = flows.num_rows
     try:
-        if runs_in_driver(n_in, driver_rows):
-            report.path = "driver"
-            _score_in_driver(scorer, flows, fs, path, prefix, report)
-        else:
-            report.path = "ray-data"
-            _score_ray_data(model_ref, scorer, flows, fs, path, prefix)
-            report.files, report.rows_scored, report.anomalies = _count_written(fs, path, prefix)
+        # An S3 outage mid-write is one line naming the output, not a botocore traceback.
+        with storage.unreachable_as_error(output, "write the scores"):
+            if runs_in_driver(n_in, driver_rows):
+                report.path = "driver"
+                _score_in_driver(scorer, flows, fs, path, prefix, report)
+            else:
+                report.path = "ray-data"
+                _score_ray_data(model_ref, scorer, flows, fs, path, prefix)
+                report.files, report.rows_scored, report.anomalies = _count_written(fs, path, prefix)
         del flows
         if report.rows_scored != n_in:
             raise NadrayError(f"score: wrote {report.rows_scored} rows for {n_in} input records")
     except BaseException:
         # A failed run leaves no partial output to be mistaken for a whole one.
-        _remove_written(fs, path, prefix)
+        _remove_written(fs, path, prefix, storage.join(output, prefix))
         raise
     report.seconds = time.time() - t0
     return report
 
 
-def _remove_written(fs, path: str, prefix: str) -> None:
-    """Best effort: delete this call's files (``prefix*``); the original error is what matters."""
+def _remove_written(fs, path: str, prefix: str, shown: str) -> None:
+    """Best effort: delete this call's files (``prefix*``); the original error is what matters.
+
+    ``shown``: the files' common prefix as the user wrote the output (``s3://...``)."""
     try:
         for f in _written_files(fs, path, prefix):
             fs.delete_file(f)
     except Exception as e:  # noqa: BLE001 - e.g. the store went away, which the caller's error says
-        log.warning("score: could not remove the partial output %s/%s*: %s", path.rstrip("/"), prefix, e)
+        detail = " ".join(str(e).split())[:200]
+        log.warning("score: could not remove the partial output %s*: delete those files once the storage "
+                    "is back (%s: %s)", shown, type(e).__name__, detail)
 
 
 def _score_in_driver(scorer, flows: pa.Table, fs, path: str, prefix: str, report: ScoreReport) -> None:

@@ -292,3 +292,51 @@ def test_unreachable_inputs_are_one_line_errors_naming_them(s3_down, tmp_path, c
                     date="2026-11-26")
     assert night.status == "failed" and "unreachable" in night.error and "\n" not in night.error, night.error
     assert not (tmp_path / "registry" / "champion.json").exists()
+
+
+def test_s3_outage_mid_score_fails_clearly_and_names_what_it_left(s3, shared_data, tmp_path, monkeypatch, caplog):
+    """`nadray score` writing to S3 when the storage goes away after its first output file:
+    one line naming the output, a warning naming the files it could not remove (nothing can
+    be deleted while the storage is down), and with the storage back those files are all
+    that is there, and a rerun writes a whole output of its own beside them."""
+    from test_serve_support import register_model
+
+    from nadray import score as score_mod
+    from nadray.errors import StorageError
+    from nadray.scorer import Scorer
+
+    reg = str(tmp_path / "reg")
+    registry.promote(reg, register_model(reg, _register_args(shared_data), seed=0), "test")
+    paths = [str(shared_data / "iot23_small_scenarios" / f"{c}-labeled.csv") for c in CAPTURES[2:]]
+    out = f"s3://{s3.make_bucket()}/scores"
+    monkeypatch.setattr(score_mod, "DRIVER_SCORE_ROWS", 100)  # 367 flows: 4 blocks, one file each
+    stopper = StopAfter(s3)
+    real = Scorer.score_table
+    calls: list[int] = []
+
+    def outage_after_first_file(self, flows):
+        calls.append(flows.num_rows)
+        if len(calls) == 2:  # block 1's file is written: the storage goes away
+            stopper.trigger()
+        return real(self, flows)
+
+    monkeypatch.setattr(Scorer, "score_table", outage_after_first_file)
+    t0 = time.time()
+    with caplog.at_level("WARNING", logger="nadray.score"), pytest.raises(StorageError) as err:
+        score_mod.score(reg, paths, out)
+    msg = str(err.value)
+    print(f"score with the server stopped after its first file: {time.time() - t0:.1f}s: {msg}")
+    assert "\n" not in msg and out in msg and "unreachable" in msg and len(msg) < 600, msg
+    assert len(calls) == 2, "scoring went on after the storage was gone"
+    left_msgs = [r.getMessage() for r in caplog.records if "could not remove the partial output" in r.getMessage()]
+    assert len(left_msgs) == 1, [r.getMessage() for r in caplog.records]
+    prefix = left_msgs[0].split("partial output ", 1)[1].split("*", 1)[0].rsplit("/", 1)[1]
+    assert prefix.startswith("scores-")
+
+    s3.start()
+    left = [p for p in storage.ls(out)]
+    assert len(left) == 1 and left[0].startswith(prefix), (prefix, left)
+    monkeypatch.setattr(Scorer, "score_table", real)
+    report = score_mod.score(reg, paths, out)
+    assert report.rows_scored == report.read == score_mod.read_inputs(paths, "auto")[0].num_rows
+    assert len(report.files) == 4 and not any(prefix in f for f in report.files)
