@@ -80,11 +80,12 @@ def _locality(hosts: np.ndarray, networks: tuple[str, ...], non_ip: bool) -> np.
     ``non_ip``: what a host that is not an IP address counts as (cs448b names local
     hosts "3" on the source side and remote ASNs "AS15169" on the destination side).
     """
-    uniq, inv = np.unique(hosts.astype(str), return_inverse=True)
+    # factorize hashes (np.unique sorted every host string: most of this function's time)
+    inv, uniq = pd.factorize(np.asarray(hosts, dtype=object), use_na_sentinel=False)
     nets = _networks(networks)
     out = np.empty(len(uniq), dtype=bool)
     for i, h in enumerate(uniq):  # one parse per distinct host, not per row
-        out[i] = _is_local_host(h, nets, non_ip)
+        out[i] = _is_local_host(str(h), nets, non_ip)
     return out[inv]
 
 
@@ -318,6 +319,15 @@ def _port_class(port: np.ndarray) -> np.ndarray:
 
 
 def _norm_cat(values: pd.Series | np.ndarray) -> np.ndarray:
+    """Category text as the vocabulary keys it: nulls and "" -> "none", lower case.
+
+    Normalises each distinct value once (a column repeats a handful of values) and
+    maps back; the same per-value result as normalising every row."""
+    codes, uniq = pd.factorize(pd.Series(values, dtype=object), use_na_sentinel=True)
+    return _norm_each(np.append(np.asarray(uniq, dtype=object), None))[codes]  # code -1 (null): the None
+
+
+def _norm_each(values: np.ndarray) -> np.ndarray:
     s = pd.Series(values, dtype=object)
     s = s.where(s.notna() & (s.astype(str) != ""), "none")
     return s.astype(str).str.lower().to_numpy(dtype=object)

@@ -153,3 +153,16 @@ def test_distinct_in_window_matches_brute_force(codes, group_sizes, window, data
             assert np.array_equal(_distinct_in_window(codes, gs, window, rows), want[rows])
     finally:
         features._DISTINCT_2D_MAX = default
+
+
+def test_category_normalisation_per_distinct_value_equals_per_row():
+    """``_norm_cat`` normalises each distinct value once and maps back: the same as every row alone."""
+    from nadray.features import _norm_cat, _norm_each
+
+    vals = np.array([None, np.nan, "", "TCP", "tcp", "Ünïcödé", "İ", "ß", " x ", "-", pd.NA, "None", "(empty)", 5,
+                     "TCP", None], dtype=object)
+    got = _norm_cat(vals)
+    assert got.dtype == object and len(got) == len(vals)
+    assert got.tolist() == [_norm_each(np.array([v], dtype=object))[0] for v in vals]
+    assert got.tolist()[:5] == ["none", "none", "none", "tcp", "tcp"]
+    assert _norm_cat(np.array([], dtype=object)).tolist() == []
