@@ -260,7 +260,8 @@ class OnlineFlowEncoder:
         codes: dict = {}
         peers = np.fromiter((codes.setdefault(p, len(codes)) for p in ev["peer"].tolist()), dtype="int64", count=len(ev))
         ports = ev["port"].astype("float64")
-        pcodes = np.where(np.isnan(ports), -1.0, ports).astype("int64")  # the batch path's nan_to_num form, for finite ports
+        # dst_port is an integer column or NaN, so this equals the batch path's nan_to_num form.
+        pcodes = np.where(np.isnan(ports), -1.0, ports).astype("int64")
         # FLOW_CONTINUOUS order; the same operations as FeatureEncoder._continuous, on one block.
         logs = np.log1p(np.clip(np.column_stack([sizes, dt]), 0, None))
         cont = np.column_stack([logs, _distinct_in_window(peers, group_start, C, rows) / wlen,
