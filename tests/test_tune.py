@@ -238,7 +238,7 @@ def test_tune_random_registers_best_trial(tune_archive):
     from nadray.scorer import Scorer
 
     root = tune_archive
-    cfg = load_config(overrides=[*TINY, "tune.search=random", "tune.num_samples=4",
+    cfg = load_config(overrides=[*TINY, "tune.search=random", "tune.num_samples=3",
                                  'tune.space={"model.hidden_size": [8, 16], "train.lr": {"loguniform": [0.001, 0.01]},'
                                  ' "data.sequence_length": [4, 8]}'])
     registry = str(root / "registry")
@@ -246,7 +246,7 @@ def test_tune_random_registers_best_trial(tune_archive):
     assert "registered" in result.summary()
     vdir = reg.version_uri(registry, result.version)
     df = pd.read_csv(os.path.join(vdir, nt.RESULTS_CSV))
-    assert len(df) == 4 and set(df["status"]) <= {"TERMINATED"}
+    assert len(df) == 3 and set(df["status"]) <= {"TERMINATED"}
     assert {"model.hidden_size", "train.lr", "data.sequence_length", "val_loss", "training_iteration",
             "time_total_s", "status"} <= set(df.columns)
     assert df["training_iteration"].between(1, 2).all()
