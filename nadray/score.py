@@ -19,7 +19,7 @@ model load, ``from_arrow``, the write), about what one Scorer needs for
 ``DRIVER_SCORE_ROWS`` flows on one core, so below it no actor pool can pay for
 itself. Larger inputs go through Ray Data, unless the pool would be one actor
 (a cluster of at most 2 CPUs, see ``_pool``): one actor does the driver's work
-in series plus that fixed cost (320k flows: 31 s against 22 s), so the driver
+in series plus that fixed cost (BENCHMARKS.md: the forced Ray Data row), so the driver
 then scores the same whole-entity blocks one after another, so that scoring's
 working memory is bounded by a block, as on the actors. A failed run removes the
 files it wrote. All paths give the same rows and
@@ -246,9 +246,8 @@ def _remove_written(fs, path: str, prefix: str, shown: str) -> None:
         for f in _written_files(fs, path, prefix):
             fs.delete_file(f)
     except Exception as e:  # noqa: BLE001 - e.g. the store went away, which the caller's error says
-        detail = " ".join(str(e).split())[:200]
         log.warning("score: could not remove the partial output %s*: delete those files once the storage "
-                    "is back (%s: %s)", shown, type(e).__name__, detail)
+                    "is back (%s: %s)", shown, type(e).__name__, storage.one_line(e))
 
 
 def _score_in_driver(scorer, flows: pa.Table, fs, path: str, prefix: str, report: ScoreReport) -> None:

@@ -36,7 +36,7 @@ OUTPUT_COLUMNS = ["source", "source_row", "ts", "entity", "score", "is_anomaly",
 # Windows per forward pass. Scoring runs on the CPU, where the LSTM is fastest when one
 # step's gate activations (B x 4 x hidden floats) stay in the core's L2 cache. Bare
 # torch, default model, 2-core EPYC: 25 us a window at B = 128-768, 32 at 1024, 42 at
-# 8192 (1 thread); 16 against 25 (2 threads). Python's cost per batch is ~0.1 ms.
+# 8192 (1 thread); 16 against 25 (2 threads). BENCHMARKS.md has the command.
 SCORE_BATCH = 512
 
 

@@ -118,8 +118,13 @@ def unreachable_as_error(uri: str, op: str) -> Iterator[None]:
         forget_s3_clients()  # pooled connections to a server that went away are dead
         from nadray.errors import StorageError
 
-        detail = " ".join(str(e).split())[:200]
-        raise StorageError(uri, f"{uri}: cannot {op}: storage unreachable ({type(e).__name__}: {detail})") from None
+        detail = f"{type(e).__name__}: {one_line(e)}"
+        raise StorageError(uri, f"{uri}: cannot {op}: storage unreachable ({detail})") from None
+
+
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's text on one line, at most ``limit`` characters (botocore's span lines)."""
+    return " ".join(str(e).split())[:limit]
 
 
 def join(uri: str, *parts: str) -> str:

@@ -334,7 +334,7 @@ def test_s3_outage_mid_score_fails_clearly_and_names_what_it_left(s3, shared_dat
     assert prefix.startswith("scores-")
 
     s3.start()
-    left = [p for p in storage.ls(out)]
+    left = storage.ls(out)
     assert len(left) == 1 and left[0].startswith(prefix), (prefix, left)
     monkeypatch.setattr(Scorer, "score_table", real)
     report = score_mod.score(reg, paths, out)
