@@ -114,65 +114,85 @@ def local_sides(flows: pa.Table, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- stage 1
 
 
-def _col(df: pd.DataFrame, name: str, default: Any = np.nan) -> pd.Series:
-    if name in df.columns:
-        return df[name]
-    return pd.Series(default, index=df.index)
+def _numeric(flows: pa.Table, name: str) -> np.ndarray:
+    """Column ``name`` as float64 with NaN for null, or all NaN when absent (non-numbers: NaN)."""
+    if name not in flows.column_names:
+        return np.full(flows.num_rows, np.nan)
+    col = flows.column(name)
+    if pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_null(col.type):
+        # unsafe: an int64 above 2**53 rounds, as pandas' conversion does, instead of raising
+        return col.cast(pa.float64(), safe=False).to_numpy(zero_copy_only=False)
+    return pd.to_numeric(col.to_pandas(), errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
+
+
+def _objects(flows: pa.Table, name: str, as_text: bool = False) -> np.ndarray:
+    """Column ``name`` as an object array (None for null or when absent); ``as_text``: every value a str."""
+    if name not in flows.column_names:
+        vals = np.full(flows.num_rows, None, dtype=object)
+    else:
+        col = flows.column(name)
+        vals = col.to_numpy(zero_copy_only=False).astype(object, copy=False)
+        if as_text and (col.null_count or not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type))):
+            vals = np.array([str(v) for v in vals.tolist()], dtype=object)
+    return vals
+
+
+def _sorted_codes(values: np.ndarray) -> np.ndarray:
+    """Integer codes whose order is the values' order (strings: code point order, as sort_values)."""
+    return pd.factorize(values, sort=True, use_na_sentinel=False)[0]
 
 
 def explode(flows: pa.Table, cfg: Config) -> pd.DataFrame:
     """One raw event per (flow, entity), oriented from the entity's side.
 
     Returns a DataFrame with ``RAW_COLUMNS``; ``flow_index`` is the row of ``flows``;
-    ``ts`` is int64 microseconds. Rows are in (entity, ts, source, source_row, side)
-    order.
+    ``ts`` is int64 microseconds; text columns are object arrays (None for null).
+    Rows are in (entity, ts, source, source_row, side) order (``sort_raw``'s), sorted
+    here on integer codes before the frame is built: building per-side frames and
+    sorting strings was most of this function's time.
     """
     src_local, dst_local = local_sides(flows, cfg)
-    df = flows.to_pandas(types_mapper=None)
-    n = len(df)
+    n = flows.num_rows
     both_or_none = src_local == dst_local
     src_event = src_local | both_or_none
     dst_event = dst_local | both_or_none
-    direction = np.where(
-        src_local & dst_local, "internal",
-        np.where(src_local, "outbound", np.where(dst_local, "inbound", "unknown")),
-    )
-    ts = pd.to_datetime(df["ts"], utc=True).astype("datetime64[us, UTC]").array.asi8 if n else np.zeros(0, "int64")
-    num = {c: pd.to_numeric(_col(df, c), errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
-           for c in ("src_bytes", "dst_bytes", "src_pkts", "dst_pkts", "duration", "flows", "dst_port")}
-    label = pd.to_numeric(_col(df, "label"), errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
-    common = {
-        "ts": ts,
-        "source": df["source"].astype(str).to_numpy(),
-        "source_row": df["source_row"].to_numpy(dtype="int64"),
-        "direction": direction,
-        "proto": _col(df, "proto", None).to_numpy(dtype=object),
-        "conn_state": _col(df, "conn_state", None).to_numpy(dtype=object),
-        "service": _col(df, "service", None).to_numpy(dtype=object),
-        "duration": num["duration"],
-        "flows": np.where(np.isnan(num["flows"]), 1.0, num["flows"]),
+    direction = np.where(src_local & dst_local, 2, np.where(src_local, 0, np.where(dst_local, 1, 3)))
+    ts = (pd.to_datetime(flows.column("ts").to_pandas(), utc=True).astype("datetime64[us, UTC]").array.asi8
+          if n else np.zeros(0, "int64"))
+    num = {c: _numeric(flows, c) for c in ("src_bytes", "dst_bytes", "src_pkts", "dst_pkts", "duration", "flows",
+                                           "dst_port", "label")}
+    source = _objects(flows, "source", as_text=True)
+    source_row = flows.column("source_row").to_numpy(zero_copy_only=False).astype("int64")
+    src_ip, dst_ip = _objects(flows, "src_ip", as_text=True), _objects(flows, "dst_ip", as_text=True)
+    # Both sides' events in one gather: source side first, then destination side.
+    fi = np.concatenate([np.flatnonzero(src_event), np.flatnonzero(dst_event)]).astype("int64")
+    side = (np.arange(len(fi)) >= int(src_event.sum())).astype("int8")
+    mine = side == 0
+    entity = np.where(mine, src_ip[fi], dst_ip[fi])
+    # A stable sort of that concatenation by (entity, ts, source, source_row, side).
+    order = np.lexsort((side, source_row[fi], _sorted_codes(source)[fi], ts[fi], _sorted_codes(entity)))
+    fi, side, mine, entity = fi[order], side[order], mine[order], entity[order]
+
+    def swap(a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
+        x, y = num[a][fi], num[b][fi]
+        return np.where(mine, x, y), np.where(mine, y, x)
+
+    bytes_out, bytes_in = swap("src_bytes", "dst_bytes")
+    pkts_out, pkts_in = swap("src_pkts", "dst_pkts")
+    obj = lambda a: pd.Series(a, dtype=object, copy=False)  # noqa: E731 - object, not pandas' Arrow-backed str
+    flows_n = num["flows"][fi]
+    return pd.DataFrame({
+        "entity": obj(entity), "side": side, "flow_index": fi, "ts": ts[fi], "source": obj(source[fi]),
+        "source_row": source_row[fi], "direction": obj(np.array(DIRECTIONS, dtype=object)[direction[fi]]),
+        "proto": obj(_objects(flows, "proto")[fi]), "conn_state": obj(_objects(flows, "conn_state")[fi]),
+        "service": obj(_objects(flows, "service")[fi]),
+        "bytes_out": bytes_out, "bytes_in": bytes_in, "pkts_out": pkts_out, "pkts_in": pkts_in,
+        "duration": num["duration"][fi], "flows": np.where(np.isnan(flows_n), 1.0, flows_n),
+        "peer": obj(np.where(mine, dst_ip[fi], src_ip[fi])),
         # The service (responder) port: the port that says what the conversation is,
         # for inbound and outbound flows alike; only its class becomes a feature.
-        "port": num["dst_port"],
-        "label": label,
-    }
-    src_ip = df["src_ip"].astype(str).to_numpy()
-    dst_ip = df["dst_ip"].astype(str).to_numpy()
-    idx = np.arange(n, dtype="int64")
-    parts = []
-    for side, mask, ent, peer, out_b, in_b, out_p, in_p in (
-        (0, src_event, src_ip, dst_ip, "src_bytes", "dst_bytes", "src_pkts", "dst_pkts"),
-        (1, dst_event, dst_ip, src_ip, "dst_bytes", "src_bytes", "dst_pkts", "src_pkts"),
-    ):
-        part = {k: v[mask] for k, v in common.items()}
-        part.update(
-            entity=ent[mask], side=np.full(int(mask.sum()), side, dtype="int8"), flow_index=idx[mask],
-            peer=peer[mask], bytes_out=num[out_b][mask], bytes_in=num[in_b][mask],
-            pkts_out=num[out_p][mask], pkts_in=num[in_p][mask],
-        )
-        parts.append(pd.DataFrame(part))
-    raw = pd.concat(parts, ignore_index=True)[RAW_COLUMNS]
-    return sort_raw(raw)
+        "port": num["dst_port"][fi], "label": num["label"][fi],
+    })[RAW_COLUMNS]
 
 
 def sort_raw(raw: pd.DataFrame) -> pd.DataFrame:
@@ -314,8 +334,9 @@ def _previous_mean(v: np.ndarray, gstart: np.ndarray, window: int) -> np.ndarray
 
 
 def _port_class(port: np.ndarray) -> np.ndarray:
+    """Index into PORT_CLASSES per port (NaN: "none")."""
     p = np.asarray(port, dtype="float64")
-    return np.where(np.isnan(p), "none", np.where(p < 1024, "well_known", np.where(p < 49152, "registered", "dynamic")))
+    return np.where(np.isnan(p), 3, np.where(p < 1024, 0, np.where(p < 49152, 1, 2))).astype("int64")
 
 
 def _norm_cat(values: pd.Series | np.ndarray) -> np.ndarray:
@@ -333,13 +354,21 @@ def _norm_each(values: np.ndarray) -> np.ndarray:
     return s.astype(str).str.lower().to_numpy(dtype=object)
 
 
-def _one_hot(values: np.ndarray, vocab: list[str]) -> np.ndarray:
-    """Columns: vocab..., "other". "none" is in the vocabulary when training saw nulls."""
-    codes = pd.Categorical(values, categories=vocab).codes.astype("int64")
-    codes = np.where(codes < 0, len(vocab), codes)
-    out = np.zeros((len(values), len(vocab) + 1), dtype="float32")
-    out[np.arange(len(values)), codes] = 1.0
-    return out
+def _vocab_codes(values: np.ndarray, vocab: list[str], normalise: bool = True) -> np.ndarray:
+    """Per row: the index of its value in ``vocab``, or len(vocab) ("other").
+
+    ``normalise``: match the value as ``_norm_cat`` writes it (the category columns).
+    Looks up each distinct value once (a column repeats a handful)."""
+    codes, uniq = pd.factorize(pd.Series(values, dtype=object, copy=False), use_na_sentinel=True)
+    uniq = np.append(np.asarray(uniq, dtype=object), None)  # code -1 (null): the None
+    keys = _norm_each(uniq) if normalise else uniq
+    index = {v: i for i, v in enumerate(vocab)}
+    return np.array([index.get(k, len(vocab)) for k in keys.tolist()], dtype="int64")[codes]
+
+
+def _one_hot(codes: np.ndarray, width: int) -> np.ndarray:
+    """Rows of the (width x width) identity picked by ``codes`` (each in [0, width))."""
+    return np.eye(width, dtype="float32")[codes]
 
 
 @dataclass
@@ -497,10 +526,13 @@ class FeatureEncoder:
                 k = vocab.index(name) if name in vocab else len(vocab)
                 shares[:, k] += units[c].to_numpy(dtype="float64")
             return np.column_stack([dirs, shares / denom[:, None]]).astype("float32")
-        blocks = [_one_hot(units["direction"].to_numpy(dtype=object), DIRECTIONS)[:, :-1]]
+        # A direction or port class outside the list (never from explode) is a row of zeros.
+        blocks = [_one_hot(_vocab_codes(units["direction"].to_numpy(dtype=object), DIRECTIONS, False),
+                           len(DIRECTIONS) + 1)[:, :-1]]
         for col in VOCAB_SIZES:
-            blocks.append(_one_hot(_norm_cat(units[col].to_numpy()), self.vocab_[col]))
-        blocks.append(_one_hot(_port_class(units["port"].to_numpy(dtype="float64", na_value=np.nan)), PORT_CLASSES)[:, :-1])
+            blocks.append(_one_hot(_vocab_codes(units[col].to_numpy(dtype=object), self.vocab_[col]),
+                                   len(self.vocab_[col]) + 1))
+        blocks.append(_one_hot(_port_class(units["port"].to_numpy(dtype="float64", na_value=np.nan)), len(PORT_CLASSES)))
         return np.concatenate(blocks, axis=1)
 
     def encode(self, raw: pd.DataFrame, start_bins: dict[str, int] | None = None) -> Events:
