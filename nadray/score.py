@@ -158,6 +158,14 @@ def read_inputs(inputs: list[str], fmt: str) -> tuple[pa.Table, int, int]:
 
 def entity_blocks(flows: pa.Table, encoder: Any, n_blocks: int) -> list[pa.Table]:
     """Split ``flows`` into at most ``n_blocks`` tables, each holding whole connected entity groups."""
+    block_of, used = entity_block_of(flows, encoder, n_blocks)
+    return [flows.filter(pa.array(block_of == k)) for k in range(used)]
+
+
+def entity_block_of(flows: pa.Table, encoder: Any, n_blocks: int) -> tuple[np.ndarray, int]:
+    """(block of each flow, number of blocks): at most ``n_blocks`` non-empty blocks numbered
+    from 0, each holding whole connected entity groups. A caller scoring them one after
+    another takes each block when it needs it, so only one copy is held beside ``flows``."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -183,8 +191,9 @@ def entity_blocks(flows: pa.Table, encoder: Any, n_blocks: int) -> list[pa.Table
         k = int(np.argmin(load))
         block_of[c] = k
         load[k] += sizes[c]
-    flow_block = block_of[flow_comp]
-    return [flows.filter(pa.array(flow_block == k)) for k in range(n_blocks) if load[k]]
+    # Renumber the non-empty blocks 0.. in order.
+    renumber = np.cumsum(load > 0) - 1
+    return renumber[block_of[flow_comp]], int((load > 0).sum())
 
 
 def _pool(cpus: float) -> tuple[int, float]:
@@ -256,9 +265,11 @@ def _score_in_driver(scorer, flows: pa.Table, fs, path: str, prefix: str, report
     import pyarrow.parquet as pq
 
     n_blocks = -(-flows.num_rows // DRIVER_SCORE_ROWS)
-    blocks = [flows] if n_blocks <= 1 else entity_blocks(flows, scorer.encoder, n_blocks)
-    for k, block in enumerate(blocks):
+    block_of, used = (None, 1) if n_blocks <= 1 else entity_block_of(flows, scorer.encoder, n_blocks)
+    for k in range(used):
+        block = flows if block_of is None else flows.filter(pa.array(block_of == k))
         table = _to_arrow(scorer.score_table(block))
+        del block
         f = f"{path.rstrip('/')}/{prefix}_{k:06d}.parquet"
         pq.write_table(table, f, filesystem=fs)
         report.files.append(f)

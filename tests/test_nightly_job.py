@@ -94,7 +94,9 @@ def head():
                 time.sleep(1)
         yield url
     finally:
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
+        # On SIGTERM the head drains for up to 30 s (jobs, not our concern here: the test
+        # is over and the temp dir goes); a moment for the graceful part, then SIGKILL.
+        for sig, wait in ((signal.SIGTERM, 2), (signal.SIGKILL, 5)):
             try:
                 os.killpg(proc.pid, sig)
             except ProcessLookupError:
