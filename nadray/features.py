@@ -142,6 +142,27 @@ def _sorted_codes(values: np.ndarray) -> np.ndarray:
     return pd.factorize(values, sort=True, use_na_sentinel=False)[0]
 
 
+def _events(flows: pa.Table, cfg: Config) -> tuple[np.ndarray, ...]:
+    """(flow_index, side, entity) per event, then per flow its direction code (index into
+    DIRECTIONS) and src_ip / dst_ip as str objects. A flow has an event for each local
+    endpoint, or for both when neither or both are local. Events: the source side's in
+    flow order, then the destination side's."""
+    src_local, dst_local = local_sides(flows, cfg)
+    both_or_none = src_local == dst_local
+    src_event, dst_event = src_local | both_or_none, dst_local | both_or_none
+    direction = np.where(src_local & dst_local, 2, np.where(src_local, 0, np.where(dst_local, 1, 3)))
+    src_ip, dst_ip = _objects(flows, "src_ip", as_text=True), _objects(flows, "dst_ip", as_text=True)
+    fi = np.concatenate([np.flatnonzero(src_event), np.flatnonzero(dst_event)]).astype("int64")
+    side = (np.arange(len(fi)) >= int(src_event.sum())).astype("int8")
+    return fi, side, np.where(side == 0, src_ip[fi], dst_ip[fi]), direction, src_ip, dst_ip
+
+
+def flow_entities(flows: pa.Table, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """(flow_index, entity) of every event ``explode`` makes, unsorted and without its features."""
+    fi, _, entity, *_ = _events(flows, cfg)
+    return fi, entity
+
+
 def explode(flows: pa.Table, cfg: Config) -> pd.DataFrame:
     """One raw event per (flow, entity), oriented from the entity's side.
 
@@ -151,27 +172,18 @@ def explode(flows: pa.Table, cfg: Config) -> pd.DataFrame:
     here on integer codes before the frame is built: building per-side frames and
     sorting strings was most of this function's time.
     """
-    src_local, dst_local = local_sides(flows, cfg)
     n = flows.num_rows
-    both_or_none = src_local == dst_local
-    src_event = src_local | both_or_none
-    dst_event = dst_local | both_or_none
-    direction = np.where(src_local & dst_local, 2, np.where(src_local, 0, np.where(dst_local, 1, 3)))
+    fi, side, entity, direction, src_ip, dst_ip = _events(flows, cfg)
     ts = (pd.to_datetime(flows.column("ts").to_pandas(), utc=True).astype("datetime64[us, UTC]").array.asi8
           if n else np.zeros(0, "int64"))
     num = {c: _numeric(flows, c) for c in ("src_bytes", "dst_bytes", "src_pkts", "dst_pkts", "duration", "flows",
                                            "dst_port", "label")}
     source = _objects(flows, "source", as_text=True)
     source_row = flows.column("source_row").to_numpy(zero_copy_only=False).astype("int64")
-    src_ip, dst_ip = _objects(flows, "src_ip", as_text=True), _objects(flows, "dst_ip", as_text=True)
-    # Both sides' events in one gather: source side first, then destination side.
-    fi = np.concatenate([np.flatnonzero(src_event), np.flatnonzero(dst_event)]).astype("int64")
-    side = (np.arange(len(fi)) >= int(src_event.sum())).astype("int8")
-    mine = side == 0
-    entity = np.where(mine, src_ip[fi], dst_ip[fi])
-    # A stable sort of that concatenation by (entity, ts, source, source_row, side).
+    # A stable sort of _events' order by (entity, ts, source, source_row, side).
     order = np.lexsort((side, source_row[fi], _sorted_codes(source)[fi], ts[fi], _sorted_codes(entity)))
-    fi, side, mine, entity = fi[order], side[order], mine[order], entity[order]
+    fi, side, entity = fi[order], side[order], entity[order]
+    mine = side == 0
 
     def swap(a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
         x, y = num[a][fi], num[b][fi]
@@ -460,6 +472,9 @@ class FeatureEncoder:
 
     def explode(self, flows: pa.Table) -> pd.DataFrame:
         return explode(flows, self._cfg())
+
+    def flow_entities(self, flows: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        return flow_entities(flows, self._cfg())
 
     def _units(self, raw: pd.DataFrame, start_bins: dict[str, int] | None = None) -> pd.DataFrame:
         """The modelled units: raw events (flow mode) or entity-bins (bin mode)."""

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 
 from nadray import storage
@@ -169,9 +170,8 @@ def entity_block_of(flows: pa.Table, encoder: Any, n_blocks: int) -> tuple[np.nd
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    raw = encoder.explode(flows)
-    ent_codes = np.unique(raw["entity"].to_numpy(dtype=object).astype(str), return_inverse=True)[1]
-    fi = raw["flow_index"].to_numpy()
+    fi, entity = encoder.flow_entities(flows)
+    ent_codes = pd.factorize(entity)[0]
     n_ent = int(ent_codes.max()) + 1 if len(ent_codes) else 0
     # Edges: consecutive events of the same flow (a flow has one or two events).
     order = np.argsort(fi, kind="stable")
