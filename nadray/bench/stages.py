@@ -4,7 +4,8 @@
   vs ``pyarrow.csv.read_csv`` of the same Zeek CSV, alternated.
 - ``bench_batch``: end-to-end ``nadray.score.score`` vs a bare torch forward of the
   same model over the same number of windows (measured before and after), and vs
-  scikit-learn IsolationForest ``score_samples`` on the same rows and feature count.
+  scikit-learn IsolationForest ``score_samples`` on the same flows' events (the rows
+  the LSTM scores, with the same features).
 - ``bench_serve``: the nadray Serve app vs a no-op Serve app on the same HTTP path,
   requests alternated; batched throughput vs ``Scorer.score_online_arrays`` in process.
 - ``bench_train``: ``train_loop_per_worker`` in one Ray Train worker vs the same
@@ -199,8 +200,9 @@ def _bench_batch(ref: str, raw: pa.Table, sizes: list[int], tmp: str, threads: i
         if rep.rows_scored != n:
             raise RuntimeError(f"nadray scored {rep.rows_scored} of {n} flows")
         t_torch.append(torch_forward_s(scorer.model, n_win, n_threads, SCORE_BATCH))
-        # IsolationForest with the same threads: the same flows' encoded features.
-        t_if = isolation_forest_s(np.ascontiguousarray(events.x[:n]), n_threads)
+        # IsolationForest with the same threads on the same flows: every one of their events,
+        # the rows the LSTM scores (the first n events, as until 2026-11-27, cover fewer flows).
+        t_if = isolation_forest_s(np.ascontiguousarray(events.x), n_threads)
         t_if_e2e = isolation_forest_end_to_end_s(path, scorer.encoder, events.x, n_threads)
         tt = statistics.mean(t_torch)
         rows.append({"flows": n, "windows": n_win, "path": where, "torch_threads": n_threads, "seconds": t_nad,
