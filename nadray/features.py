@@ -541,7 +541,7 @@ class FeatureEncoder:
                 k = vocab.index(name) if name in vocab else len(vocab)
                 shares[:, k] += units[c].to_numpy(dtype="float64")
             return np.column_stack([dirs, shares / denom[:, None]]).astype("float32")
-        # A direction or port class outside the list (never from explode) is a row of zeros.
+        # A direction outside DIRECTIONS (never from explode) is a row of zeros.
         blocks = [_one_hot(_vocab_codes(units["direction"].to_numpy(dtype=object), DIRECTIONS, False),
                            len(DIRECTIONS) + 1)[:, :-1]]
         for col in VOCAB_SIZES:
