@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -177,6 +178,11 @@ def table(out: dict) -> str:
         row(f"train steps/s (batch {r['batch_size']}{', GPU' if r.get('use_gpu') else ''})", r["train_steps_per_s"], f"plain torch {_f(r['plain_torch_steps_per_s'])}",
             r["train_ray_vs_plain_torch"])
         row("train wall s incl. Ray start", r["ray_fit_wall_s"], f"plain torch {_f(r['plain_wall_s'])}", r["ray_wall_vs_plain_wall"])
+        if r.get("ray_epoch_s"):  # an epoch's wall time, its thread's CPU time, the report calls
+            med = lambda v: statistics.median(v) if v else float("nan")  # noqa: E731
+            row("train epoch s (median; Ray worker)", med(r["ray_epoch_s"]), f"plain torch {_f(med(r['plain_epoch_s']))}",
+                med(r["plain_epoch_s"]) / med(r["ray_epoch_s"]))
+            row("  its thread CPU s / report s", med(r["ray_epoch_thread_cpu_s"]), f"report {_f(med(r['ray_report_s']))}")
     for name, r in s.items():
         row(f"peak RSS MB: {name}", r["peak_rss_mb"], f"driver alone {_f(r['peak_rss_driver_mb'])}")
     lines.append("")

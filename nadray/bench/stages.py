@@ -390,17 +390,25 @@ def bench_serve(ref: str, base: pa.Table, n_seq: int, n_batches: int, batch_flow
 
 
 def timed_loop(config: dict) -> None:
-    """``train_loop_per_worker`` with each ``ray.train.report`` time-stamped into the metrics."""
+    """``train_loop_per_worker`` with each ``ray.train.report`` time-stamped into the metrics:
+    when it was called, how long the previous call took (with its checkpoint), and the
+    training thread's CPU time, which says whether a slow epoch waited or computed."""
     import ray.train
 
     from nadray.train import train_loop_per_worker
 
     real = ray.train.report
     stamps: list[float] = []
+    report_s: list[float] = []
+    thread_cpu: list[float] = []
 
     def report(metrics, checkpoint=None, **kw):
         stamps.append(time.perf_counter())
-        return real({**metrics, "bench_report_times": list(stamps)}, checkpoint=checkpoint, **kw)
+        thread_cpu.append(time.thread_time())
+        out = real({**metrics, "bench_report_times": list(stamps), "bench_report_s": list(report_s),
+                    "bench_thread_cpu": list(thread_cpu)}, checkpoint=checkpoint, **kw)
+        report_s.append(time.perf_counter() - stamps[-1])
+        return out
 
     ray.train.report = report
     try:
@@ -483,11 +491,21 @@ def bench_train(base: pa.Table, n_flows: int, windows: int, epochs: int, tmp: st
     t_b, plain_b = timed(plain_loop, loop_cfg, use_gpu)
     ray_rate = _steady(ray_stamps, steps)
     plain_rate = statistics.mean([_steady(plain_a, steps), _steady(plain_b, steps)])
+    # Where the Ray worker's time goes: an epoch's wall time against its training thread's
+    # CPU time (equal: it computed, not waited) and the report calls (checkpoint included).
+    cpu = result.metrics["bench_thread_cpu"]
+    diag = {"ray_epoch_s": _diffs(ray_stamps), "ray_epoch_thread_cpu_s": _diffs(cpu),
+            "ray_report_s": [round(v, 4) for v in result.metrics["bench_report_s"]],
+            "plain_epoch_s": _diffs(plain_a) + _diffs(plain_b)}
     return {"flows": n_flows, "events": len(data.events), "train_windows_per_epoch": min(len(data.train_idx), windows),
             "steps_per_epoch": steps, "epochs": len(ray_stamps), "batch_size": cfg.train.batch_size, "use_gpu": use_gpu,
             "prepare_s": t_prep, "train_steps_per_s": ray_rate, "plain_torch_steps_per_s": plain_rate,
             "train_ray_vs_plain_torch": ray_rate / plain_rate, "ray_fit_wall_s": t_ray,
-            "plain_wall_s": (t_a + t_b) / 2, "ray_wall_vs_plain_wall": ((t_a + t_b) / 2) / t_ray}
+            "plain_wall_s": (t_a + t_b) / 2, "ray_wall_vs_plain_wall": ((t_a + t_b) / 2) / t_ray, **diag}
+
+
+def _diffs(stamps: list[float]) -> list[float]:
+    return [round(b - a, 3) for a, b in zip(stamps, stamps[1:])]
 
 
 def tmpdir() -> str:
