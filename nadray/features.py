@@ -142,15 +142,26 @@ def _sorted_codes(values: np.ndarray) -> np.ndarray:
     return pd.factorize(values, sort=True, use_na_sentinel=False)[0]
 
 
+def event_sides(src_local: np.ndarray, dst_local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which endpoints of each flow are entities: the local ones, or both when neither or
+    both are local (DESIGN.md). The one rule batch, online and Serve's routing share."""
+    both_or_none = src_local == dst_local
+    return src_local | both_or_none, dst_local | both_or_none
+
+
+def direction_codes(src_local: np.ndarray, dst_local: np.ndarray) -> np.ndarray:
+    """Per flow: its index into DIRECTIONS (outbound, inbound, internal, unknown)."""
+    return np.where(src_local & dst_local, 2, np.where(src_local, 0, np.where(dst_local, 1, 3)))
+
+
 def _events(flows: pa.Table, cfg: Config) -> tuple[np.ndarray, ...]:
     """(flow_index, side, entity) per event, then per flow its direction code (index into
     DIRECTIONS) and src_ip / dst_ip as str objects. A flow has an event for each local
     endpoint, or for both when neither or both are local. Events: the source side's in
     flow order, then the destination side's."""
     src_local, dst_local = local_sides(flows, cfg)
-    both_or_none = src_local == dst_local
-    src_event, dst_event = src_local | both_or_none, dst_local | both_or_none
-    direction = np.where(src_local & dst_local, 2, np.where(src_local, 0, np.where(dst_local, 1, 3)))
+    src_event, dst_event = event_sides(src_local, dst_local)
+    direction = direction_codes(src_local, dst_local)
     src_ip, dst_ip = _objects(flows, "src_ip", as_text=True), _objects(flows, "dst_ip", as_text=True)
     fi = np.concatenate([np.flatnonzero(src_event), np.flatnonzero(dst_event)]).astype("int64")
     side = (np.arange(len(fi)) >= int(src_event.sum())).astype("int8")

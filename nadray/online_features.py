@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from nadray.errors import NadrayError
 from nadray.features import (DIRECTIONS, RAW_COLUMNS, VOCAB_SIZES, FeatureEncoder, _distinct_in_window, _is_local_host,
-                             _networks, _norm_cat)
+                             _networks, _norm_cat, direction_codes, event_sides)
 
 # One raw event, as the online context keeps it (RAW_COLUMNS minus entity and
 # flow_index, which the context knows; direction as an index into DIRECTIONS).
@@ -175,10 +175,8 @@ class OnlineFlowEncoder:
                 for i, v in enumerate(flows.column(cname).to_pylist()):
                     if v is not None:
                         arr[i] = bool(v)
-        both_or_none = src_local == dst_local
-        src_event = src_local | both_or_none
-        dst_event = dst_local | both_or_none
-        direction = np.where(src_local & dst_local, 2, np.where(src_local, 0, np.where(dst_local, 1, 3)))
+        src_event, dst_event = event_sides(src_local, dst_local)
+        direction = direction_codes(src_local, dst_local)
         ts = col("ts").astype("datetime64[us]").astype("int64")
         flows_n = num("flows")
         common = np.empty(n, dtype=RAW_DTYPE)

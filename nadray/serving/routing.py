@@ -43,15 +43,13 @@ class EntityFilter:
 
 
 def entity_sides(flows: pa.Table, local_networks: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(src_is_entity, dst_is_entity) per flow, by the same rule as features.explode."""
+    """(src_is_entity, dst_is_entity) per flow: ``features.event_sides``, as explode uses it."""
     from nadray.config import Config
-    from nadray.features import local_sides
+    from nadray.features import event_sides, local_sides
 
     cfg = Config()
     cfg.data.local_networks = list(local_networks)
-    src_local, dst_local = local_sides(flows, cfg)
-    both_or_none = src_local == dst_local
-    return src_local | both_or_none, dst_local | both_or_none
+    return event_sides(*local_sides(flows, cfg))
 
 
 @dataclass
