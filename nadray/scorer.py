@@ -218,10 +218,10 @@ class Scorer:
         """Divide each event's score by its entity's typical training error (unsupervised only)."""
         if not self.entity_scale or self.args.objective != "unsupervised" or len(scores) == 0:
             return scores
-        ents = np.asarray(entity, dtype=object).astype(str)
-        uniq, inv = np.unique(ents, return_inverse=True)
+        # Per distinct entity, by hashing (np.unique sorted every entity string: 40 ms per 96k events).
+        codes, uniq = pd.factorize(np.asarray(entity, dtype=object), use_na_sentinel=False)
         table, g = self.entity_scale["entities"], float(self.entity_scale["global"])
-        scale = np.array([float(table.get(e, g)) for e in uniq], dtype="float64")[inv.reshape(-1)]
+        scale = np.array([float(table.get(str(e), g)) for e in uniq], dtype="float64")[codes]
         return scores / scale
 
     def event_scores(self, events: Events, idx: np.ndarray | None = None) -> np.ndarray:

@@ -126,3 +126,16 @@ def test_constant_features_count_departures_not_wobble(iot):
     batch = sc.score_table(iot)
     online, _ = replay(sc, iot, batch=37)
     np.testing.assert_allclose(online.score.to_numpy(), batch.score.to_numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_entity_normalisation_divides_by_each_entity_scale_or_the_global_one():
+    """Unsupervised scores are divided by the entity's typical training error; an entity
+    training never saw takes the global one; other objectives are left as they are."""
+    sc = Scorer.__new__(Scorer)
+    sc.args = ModelArgs(n_features=3, objective="unsupervised")
+    sc.entity_scale = {"global": 4.0, "k": 1.0, "entities": {"10.0.0.1": 2.0, "AS15169": 0.5}}
+    ents = np.array(["10.0.0.1", "new", "AS15169", "10.0.0.1", "new"], dtype=object)
+    got = sc.normalize(np.array([2.0, 8.0, 1.0, 6.0, 4.0]), ents)
+    assert got.tolist() == [1.0, 2.0, 2.0, 3.0, 1.0]
+    sc.args = ModelArgs(n_features=3, objective="hybrid")
+    assert sc.normalize(np.array([2.0]), ents[:1]).tolist() == [2.0]
