@@ -316,8 +316,11 @@ def _distinct_in_window(codes: np.ndarray, gstart: np.ndarray, window: int,
 
     A row j in row i's window adds a new code exactly when the code's previous
     occurrence in the entity (``_previous_same``) lies before the window, so the
-    count is (valid codes in the window) - (rows whose previous occurrence is
-    inside it): ``window`` vectorised passes, no per-row sort.
+    count is (valid codes in the window) - (repeats: rows whose previous occurrence
+    is inside it). Row j with previous occurrence p is a repeat for exactly the rows
+    i in [j, p + window - 1] of its entity, so all rows' repeats are one cumulative
+    sum over those intervals: O(n) whatever the window (a pass per window offset
+    cost 16 ms per 96k events at window 64).
     """
     codes = np.asarray(codes, dtype="int64")
     todo = np.arange(len(codes)) if rows_of_interest is None else np.asarray(rows_of_interest, dtype="int64")
@@ -333,11 +336,14 @@ def _distinct_in_window(codes: np.ndarray, gstart: np.ndarray, window: int,
         j = todo[:, None] - np.arange(span)[None, :]
         repeats = ((j >= lo[:, None]) & (prev[np.maximum(j, 0)] >= lo[:, None])).sum(axis=1)
         return (valid[todo + 1] - valid[lo] - repeats).astype("float64")
-    repeats = np.zeros(len(todo), dtype="int64")
-    for k in range(span):
-        j = todo - k
-        repeats += (j >= lo) & (prev[np.maximum(j, 0)] >= lo)
-    return (valid[todo + 1] - valid[lo] - repeats).astype("float64")
+    n = len(codes)
+    # Each row's entity ends where the next entity starts (rows are in entity order).
+    starts = np.flatnonzero(np.r_[True, gstart[1:] != gstart[:-1]])
+    group_end = np.repeat(np.r_[starts[1:], n], np.diff(np.r_[starts, n]))
+    j = np.flatnonzero((prev >= 0) & (prev + window > np.arange(n)))  # previous occurrence within reach
+    stop = np.minimum(prev[j] + window, group_end[j])  # exclusive, > j
+    repeats = np.cumsum(np.bincount(j, minlength=n + 1) - np.bincount(stop, minlength=n + 1))[:n]
+    return (valid[todo + 1] - valid[lo] - repeats[todo]).astype("float64")
 
 
 def _previous_mean(v: np.ndarray, gstart: np.ndarray, window: int) -> np.ndarray:

@@ -147,7 +147,7 @@ def test_distinct_in_window_matches_brute_force(codes, group_sizes, window, data
     rows = np.array(sorted(data.draw(st.sets(st.integers(0, len(codes) - 1)))), dtype="int64")
     default = features._DISTINCT_2D_MAX
     try:
-        for limit in (default, 0):  # the one-pass (few rows) and the per-offset loop (many rows) branches
+        for limit in (default, 0):  # the one-pass (few rows) and the interval-sum (many rows) branches
             features._DISTINCT_2D_MAX = limit
             assert np.array_equal(_distinct_in_window(codes, gs, window), want)
             assert np.array_equal(_distinct_in_window(codes, gs, window, rows), want[rows])
