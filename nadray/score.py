@@ -221,6 +221,8 @@ def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto",
                          inputs=list(inputs))
     if flows.num_rows == 0:
         raise NadrayError(f"score: inputs {inputs} hold no readable records ({quarantined} quarantined)")
+    log.info("score: %d records read, %d quarantined, in %.1f s; scoring with model %s", read, quarantined,
+             time.time() - t0, scorer.version)
     fs, path = storage.arrow_fs(output)
     if not storage.is_s3(output):
         storage.makedirs(output)
@@ -267,9 +269,12 @@ def _score_in_driver(scorer, flows: pa.Table, fs, path: str, prefix: str, report
     n_blocks = -(-flows.num_rows // DRIVER_SCORE_ROWS)
     block_of, used = (None, 1) if n_blocks <= 1 else entity_block_of(flows, scorer.encoder, n_blocks)
     for k in range(used):
+        t0 = time.time()
         block = flows if block_of is None else flows.filter(pa.array(block_of == k))
         table = _to_arrow(scorer.score_table(block))
         del block
+        if used > 1:  # progress on a long input, a block (about DRIVER_SCORE_ROWS flows) at a time
+            log.info("score: entity block %d/%d, %d flows, %.1f s", k + 1, used, table.num_rows, time.time() - t0)
         f = f"{path.rstrip('/')}/{prefix}_{k:06d}.parquet"
         pq.write_table(table, f, filesystem=fs)
         report.files.append(f)
@@ -288,6 +293,7 @@ def _score_ray_data(model_ref: str, scorer, flows: pa.Table, fs, path: str, pref
     ensure_ray()
     actors, cpus_per_actor = _pool(cluster_cpus())
     blocks = entity_blocks(flows, scorer.encoder, n_blocks=4 * actors)
+    log.info("score: %d flows in %d entity blocks to %d Ray Data scoring actor(s)", flows.num_rows, len(blocks), actors)
     ds = ray.data.from_arrow(blocks)
     scored = ds.map_batches(
         _ScorerActor, fn_constructor_args=(model_ref,), batch_size=None, batch_format="pyarrow",

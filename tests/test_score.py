@@ -38,7 +38,7 @@ def model_ref(tmp_path_factory, shared_data):
 
 
 @pytest.mark.parametrize("driver_rows,path", [(None, "driver"), (0, "ray-data"), ("blocks", "driver")])
-def test_score_raw_files(ray_session, model_ref, shared_data, tmp_path, monkeypatch, driver_rows, path):
+def test_score_raw_files(ray_session, model_ref, shared_data, tmp_path, monkeypatch, caplog, driver_rows, path):
     """Every path (small inputs in the driver; large ones with Ray Data, or in the driver in
     entity blocks where the pool would be one actor) gives the same rows and scores."""
     from nadray import score as score_mod
@@ -51,10 +51,13 @@ def test_score_raw_files(ray_session, model_ref, shared_data, tmp_path, monkeypa
     if blocks:  # "large" input on this 2-CPU session: one-actor pool, so the driver, in blocks
         monkeypatch.setattr(score_mod, "DRIVER_SCORE_ROWS", 100)
         driver_rows = None
-    report = score(model_ref, paths, out, driver_rows=driver_rows)
+    with caplog.at_level("INFO", logger="nadray.score"):
+        report = score(model_ref, paths, out, driver_rows=driver_rows)
     assert report.path == path and report.files
-    if blocks:  # 367 flows in blocks of ~100: one file each
+    assert f"{report.read} records read, 0 quarantined" in caplog.text
+    if blocks:  # 367 flows in blocks of ~100: one file each, and progress per block
         assert len(report.files) > 1
+        assert f"entity block {len(report.files)}/{len(report.files)}" in caplog.text
     flows = pa.concat_tables([read_input(p).flows for p in paths])
     assert report.rows_scored == flows.num_rows == report.read and report.quarantined == 0
     assert "scored" in report.summary()
