@@ -28,7 +28,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -74,19 +74,23 @@ def _networks(nets: tuple[str, ...]) -> tuple:
     return tuple(ipaddress.ip_network(n, strict=False) for n in nets)
 
 
+def per_distinct(values: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``fn`` of each distinct value (an object array, null as None), mapped back to every row.
+
+    Hashing (pd.factorize), not sorting: np.unique sorted every string, and columns of
+    hosts, categories and entities repeat a few values over many rows."""
+    codes, uniq = pd.factorize(pd.Series(values, dtype=object, copy=False), use_na_sentinel=True)
+    return np.asarray(fn(np.append(np.asarray(uniq, dtype=object), None)))[codes]  # code -1 (null): the None
+
+
 def _locality(hosts: np.ndarray, networks: tuple[str, ...], non_ip: bool) -> np.ndarray:
     """Per host string: in a local network? Each distinct host is parsed once.
 
     ``non_ip``: what a host that is not an IP address counts as (cs448b names local
     hosts "3" on the source side and remote ASNs "AS15169" on the destination side).
     """
-    # factorize hashes (np.unique sorted every host string: most of this function's time)
-    inv, uniq = pd.factorize(np.asarray(hosts, dtype=object), use_na_sentinel=False)
     nets = _networks(networks)
-    out = np.empty(len(uniq), dtype=bool)
-    for i, h in enumerate(uniq):  # one parse per distinct host, not per row
-        out[i] = _is_local_host(str(h), nets, non_ip)
-    return out[inv]
+    return per_distinct(hosts, lambda uniq: np.array([_is_local_host(str(h), nets, non_ip) for h in uniq], dtype=bool))
 
 
 def _is_local_host(h: str, nets: tuple, non_ip: bool) -> bool:
@@ -98,11 +102,15 @@ def _is_local_host(h: str, nets: tuple, non_ip: bool) -> bool:
     return any(addr in n for n in nets if n.version == addr.version)
 
 
-def local_sides(flows: pa.Table, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
-    """(src_is_local, dst_is_local) per flow: source flags first, then local_networks."""
+def local_sides(flows: pa.Table, cfg: Config, hosts: tuple[np.ndarray, np.ndarray] | None = None,
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(src_is_local, dst_is_local) per flow: source flags first, then local_networks.
+
+    ``hosts``: the src_ip and dst_ip columns as object arrays, when the caller has them."""
     nets = tuple(cfg.data.local_networks)
-    src = _locality(flows.column("src_ip").to_numpy(zero_copy_only=False), nets, non_ip=True)
-    dst = _locality(flows.column("dst_ip").to_numpy(zero_copy_only=False), nets, non_ip=False)
+    src_ip, dst_ip = hosts or (flows.column(c).to_numpy(zero_copy_only=False) for c in ("src_ip", "dst_ip"))
+    src = _locality(src_ip, nets, non_ip=True)
+    dst = _locality(dst_ip, nets, non_ip=False)
     for col, arr in (("local_orig", src), ("local_resp", dst)):
         if col in flows.column_names:
             flag = flows.column(col).to_pandas()
@@ -159,10 +167,10 @@ def _events(flows: pa.Table, cfg: Config) -> tuple[np.ndarray, ...]:
     DIRECTIONS) and src_ip / dst_ip as str objects. A flow has an event for each local
     endpoint, or for both when neither or both are local. Events: the source side's in
     flow order, then the destination side's."""
-    src_local, dst_local = local_sides(flows, cfg)
+    src_ip, dst_ip = _objects(flows, "src_ip", as_text=True), _objects(flows, "dst_ip", as_text=True)
+    src_local, dst_local = local_sides(flows, cfg, (src_ip, dst_ip))
     src_event, dst_event = event_sides(src_local, dst_local)
     direction = direction_codes(src_local, dst_local)
-    src_ip, dst_ip = _objects(flows, "src_ip", as_text=True), _objects(flows, "dst_ip", as_text=True)
     fi = np.concatenate([np.flatnonzero(src_event), np.flatnonzero(dst_event)]).astype("int64")
     side = (np.arange(len(fi)) >= int(src_event.sum())).astype("int8")
     return fi, side, np.where(side == 0, src_ip[fi], dst_ip[fi]), direction, src_ip, dst_ip
@@ -319,8 +327,8 @@ def _distinct_in_window(codes: np.ndarray, gstart: np.ndarray, window: int,
     count is (valid codes in the window) - (repeats: rows whose previous occurrence
     is inside it). Row j with previous occurrence p is a repeat for exactly the rows
     i in [j, p + window - 1] of its entity, so all rows' repeats are one cumulative
-    sum over those intervals: O(n) whatever the window (a pass per window offset
-    cost 16 ms per 96k events at window 64).
+    sum over those intervals: O(n) whatever the window (BENCHMARKS.md has the
+    command timing it against the earlier pass per window offset).
     """
     codes = np.asarray(codes, dtype="int64")
     todo = np.arange(len(codes)) if rows_of_interest is None else np.asarray(rows_of_interest, dtype="int64")
@@ -371,10 +379,8 @@ def _port_class(port: np.ndarray) -> np.ndarray:
 def _norm_cat(values: pd.Series | np.ndarray) -> np.ndarray:
     """Category text as the vocabulary keys it: nulls and "" -> "none", lower case.
 
-    Normalises each distinct value once (a column repeats a handful of values) and
-    maps back; the same per-value result as normalising every row."""
-    codes, uniq = pd.factorize(pd.Series(values, dtype=object), use_na_sentinel=True)
-    return _norm_each(np.append(np.asarray(uniq, dtype=object), None))[codes]  # code -1 (null): the None
+    Normalises each distinct value once; the same per-value result as normalising every row."""
+    return per_distinct(values, _norm_each)
 
 
 def _norm_each(values: np.ndarray) -> np.ndarray:
@@ -387,12 +393,14 @@ def _vocab_codes(values: np.ndarray, vocab: list[str], normalise: bool = True) -
     """Per row: the index of its value in ``vocab``, or len(vocab) ("other").
 
     ``normalise``: match the value as ``_norm_cat`` writes it (the category columns).
-    Looks up each distinct value once (a column repeats a handful)."""
-    codes, uniq = pd.factorize(pd.Series(values, dtype=object, copy=False), use_na_sentinel=True)
-    uniq = np.append(np.asarray(uniq, dtype=object), None)  # code -1 (null): the None
-    keys = _norm_each(uniq) if normalise else uniq
+    Looks up each distinct value once."""
     index = {v: i for i, v in enumerate(vocab)}
-    return np.array([index.get(k, len(vocab)) for k in keys.tolist()], dtype="int64")[codes]
+
+    def lookup(uniq: np.ndarray) -> np.ndarray:
+        keys = _norm_each(uniq) if normalise else uniq
+        return np.array([index.get(k, len(vocab)) for k in keys.tolist()], dtype="int64")
+
+    return per_distinct(values, lookup)
 
 
 def _one_hot(codes: np.ndarray, width: int) -> np.ndarray:

@@ -25,7 +25,8 @@ import pandas as pd
 import pyarrow as pa
 
 from nadray.errors import NadrayError
-from nadray.features import Events, FeatureEncoder, history_events, make_windows, sort_raw, window_source
+from nadray.features import (Events, FeatureEncoder, history_events, make_windows, per_distinct, sort_raw,
+                             window_source)
 from nadray.model import ModelArgs, combine_scores
 from nadray.online_features import OnlineFlowEncoder, raw_from_frame, raw_to_frame
 from nadray.schema import FLOW_SCHEMA
@@ -218,10 +219,8 @@ class Scorer:
         """Divide each event's score by its entity's typical training error (unsupervised only)."""
         if not self.entity_scale or self.args.objective != "unsupervised" or len(scores) == 0:
             return scores
-        # Per distinct entity, by hashing (np.unique sorted every entity string: 40 ms per 96k events).
-        codes, uniq = pd.factorize(np.asarray(entity, dtype=object), use_na_sentinel=False)
         table, g = self.entity_scale["entities"], float(self.entity_scale["global"])
-        scale = np.array([float(table.get(str(e), g)) for e in uniq], dtype="float64")[codes]
+        scale = per_distinct(entity, lambda uniq: np.array([float(table.get(str(e), g)) for e in uniq], dtype="float64"))
         return scores / scale
 
     def event_scores(self, events: Events, idx: np.ndarray | None = None) -> np.ndarray:
