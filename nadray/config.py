@@ -71,7 +71,7 @@ class ModelConfig:
     dropout: float = 0.1
     # Judge each host against its own predictability: its unsupervised error is divided
     # by its mean error on the training split, credibility-weighted toward the global
-    # mean (by few events, and by how little hosts differ: train.entity_scales); unseen
+    # mean (by few events, and by how little hosts differ: calibrate.entity_scales); unseen
     # hosts use the global mean. A volatile host then no longer outranks a quiet
     # workstation's sudden change (measured: README, cs448b).
     entity_normalization: bool = True

@@ -130,7 +130,7 @@ class Scorer:
         self.err_norm = None if err_norm is None else np.asarray(err_norm, dtype="float64")
         self.z = dict(z or {})
         # {"global": g, "k": credibility k, "prior_events": weight used, "entities": {entity: typical error}}
-        # (train.entity_scales); None = off.
+        # (calibrate.entity_scales); None = off.
         self.entity_scale: dict[str, Any] | None = None
         # Features that never varied in training ({index: value}): predicted as that value,
         # so only a real departure from it counts, not the network's wobble around it.

@@ -103,7 +103,7 @@ def test_map_batches_adapter(iot):
 def test_constant_features_count_departures_not_wobble(iot):
     """A feature that never varied in training is predicted as its value: the network's
     wobble around it adds nothing, a departure from it still counts in full."""
-    from nadray.train import constant_features
+    from nadray.calibrate import constant_features
 
     cfg = load_config(None, ["data.sequence_length=4", "data.context_window=4", "model.hidden_size=8"])
     sc = make_scorer(iot, cfg)

@@ -113,7 +113,7 @@ def test_worker_kill_resumes_from_checkpoint(ray_session, archive, tmp_path, mon
 
 def test_entity_scales_weigh_each_host_by_how_much_hosts_really_differ():
     """Bühlmann credibility: own error when hosts differ, the population's when they differ by noise."""
-    from nadray.train import credibility_k, entity_scales
+    from nadray.calibrate import credibility_k, entity_scales
 
     rng = np.random.default_rng(0)
     # Hosts that really differ: 24 training events each, means 1 and 9, little noise.

@@ -140,7 +140,7 @@ class Challenger:
     scored: Scored
     warm_start: dict[str, Any]
     meta: dict[str, Any]
-    # (len(data.events),) the scorer's scores of data.events, from ``train.finalize``:
+    # (len(data.events),) the scorer's scores of data.events, from ``calibrate.finalize``:
     # the LSTM runs over the window once, for threshold, evaluation and drift alike.
     event_scores: np.ndarray | None = None
 
@@ -171,7 +171,8 @@ def train_challenger(flows: pa.Table, splits: Any, cfg: Config, registry: str, c
                      run_name: str, warm_start: bool = True) -> Challenger:
     """Fit the challenger on the split's train part and evaluate it with the baselines on its test part."""
     from nadray import storage
-    from nadray.train import finalize, fit, prepare_training_data
+    from nadray.calibrate import finalize
+    from nadray.train import fit, prepare_training_data
 
     data = prepare_training_data(splits.flows, cfg, splits)
     log.info("challenger data: %d events (train windows %d, val %d, comparison %d), %d features",
@@ -189,7 +190,7 @@ def evaluate_challenger(ch: Challenger, splits: Any) -> None:
     """The challenger and the baselines on the split (``evaluate.score_split``); fills ``ch``.
 
     The stream is the one training encoded (``ch.data.events``, same encoder, same
-    flows), with the scores ``train.finalize`` gave it (``ch.event_scores``): neither
+    flows), with the scores ``calibrate.finalize`` gave it (``ch.event_scores``): neither
     is computed again.
     """
     from nadray.evaluate import flow_metrics, model_meta, score_split, summarize
@@ -209,7 +210,7 @@ def register_challenger(registry: str, ch: Challenger, night: dict[str, Any]) ->
     """Register the challenger as a version (never the champion), tagged with the night."""
     from nadray import registry as reg
     from nadray.data import data_range
-    from nadray.train import scoring_meta
+    from nadray.calibrate import scoring_meta
 
     sp, scorer = ch.data.splits, ch.scorer
     meta = {
