@@ -8,7 +8,6 @@ runs. User errors (``NadrayError``) print as one line and exit 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Callable
 
@@ -64,10 +63,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from nadray.evaluate import evaluate
+    from nadray.evaluate import evaluate, summary_text
 
     metrics = evaluate(args.archive, args.model, args.report, _config(args) if (args.config or args.overrides) else None)
-    print(json.dumps(metrics.get("summary", metrics), indent=2, default=str))
+    print(summary_text(metrics))
     return 0
 
 

@@ -592,6 +592,33 @@ def publish_report(report_dir: str, results: dict[str, Any], frames: dict[str, A
     return storage.join(report_dir, "report.html")
 
 
+def summary_text(results: dict[str, Any]) -> str:
+    """What ``nadray evaluate`` prints: the test split, one row per detector, where the LSTM
+    loses and where the files are (``metrics.json`` holds everything, the checkpoint's
+    metadata included, which is far too long for a terminal)."""
+    s = results.get("summary", {})
+    num = lambda v, f="{:.3f}": "n/a" if v is None else f.format(v)  # noqa: E731
+    lines = [f"model {s.get('model_version')} on {s.get('archive', '?')}: test {s.get('test_rows', 0):,} flows, "
+             f"{s.get('test_labelled', 0):,} labelled ({s.get('test_malicious', 0):,} malicious)",
+             f"{'detector':<18} {'ROC-AUC':>7} {'PR-AUC':>7} {'precision':>9} {'recall':>7} {'F1':>6} "
+             f"{'alarms/host-day':>15} {'alerts':>8}"]
+    for name, m in (s.get("detectors") or {}).items():
+        lines.append(f"{name:<18} {num(m.get('roc_auc')):>7} {num(m.get('pr_auc')):>7} {num(m.get('precision')):>9} "
+                     f"{num(m.get('recall')):>7} {num(m.get('f1')):>6} "
+                     f"{num(m.get('false_alarms_per_entity_day'), '{:.2f}'):>15} {num(m.get('n_alerts'), '{:,}'):>8}")
+    for name, why in (s.get("skipped") or {}).items():
+        lines.append(f"{name}: skipped ({why})")
+    losses = results.get("where_lstm_loses") or []
+    if losses:
+        lines.append(f"where the LSTM loses ({len(losses)}):")
+        lines += [f"  {sentence}" for sentence in losses]
+    elif "lstm_beats_every_baseline" in s:
+        lines.append("the LSTM beats every baseline on every compared metric")
+    if s.get("report"):
+        lines.append(f"report: {s['report']} (metrics.json beside it)")
+    return "\n".join(lines)
+
+
 def evaluate(archive: str, model_ref: str, report_dir: str, cfg: Any = None) -> dict[str, Any]:
     """``nadray evaluate``: metrics.json, PNG plots and report.html for ``model_ref`` on ``archive``.
 

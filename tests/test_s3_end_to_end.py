@@ -29,6 +29,14 @@ def test_cli_on_s3(ray_session, s3_bucket, shared_data, capsys):
     report = f"{s3_bucket}/report"
     assert main(["evaluate", "--archive", archive, "--model", registry, "--report", report]) == 0
     assert {"metrics.json", "report.html"} <= set(storage.ls(report))
+    # A summary a person reads, not the checkpoint's metadata as JSON: one row per detector
+    # and where the report went.
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert len(lines) < 40, out
+    assert lines[1].split()[:3] == ["detector", "ROC-AUC", "PR-AUC"]
+    assert {"lstm", "isolation_forest", "ewma_zscore"} <= {ln.split()[0] for ln in lines[2:] if ln.strip()}
+    assert f"report: {report}/report.html" in out
 
     scores = f"{s3_bucket}/scores"
     assert main(["score", "--model", registry, "--input", inputs[1], "--output", scores]) == 0
