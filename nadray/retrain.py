@@ -212,8 +212,12 @@ def retrain(landing: str, archive: str, registry: str, date: str | None = None, 
             record["window"] = {"start": start.isoformat(), "end": end.isoformat(), "rows": flows.num_rows}
             c.update(rows=flows.num_rows, start=start.date().isoformat(), end=end.date().isoformat())
             if flows.num_rows == 0:
+                held = staging.held_dates(archive, date)
+                hint = (f"; they hold flows dated {held[0]} .. {held[1]}: pass --date within that range or "
+                        "raise nightly.window_days" if held else "; they hold no flows")
                 raise NadrayError(f"no flows in the window {start.date()} .. {end.date()} "
-                                  f"(nightly.window_days={cfg.nightly.window_days}) of {archive} and its staging")
+                                  f"(nightly.window_days={cfg.nightly.window_days}) of {archive} and its staging"
+                                  + hint)
             splits, tcfg, split_info = compare.plan_split(flows, cfg)
             record["split"] = split_info
             c.update(split_info["counts"])

@@ -157,6 +157,19 @@ def test_an_interrupted_commit_is_repaired_by_the_rerun(tmp_path, monkeypatch):
     assert [f.status for f in staging.scan_landing(str(landing), archive)] == ["archived"]
 
 
+def test_a_night_whose_files_predate_the_window_says_where_the_flows_are(tmp_path):
+    # 2019 flows landed on a 2026 night with the default 30-day window: no Ray, no model,
+    # nothing archived, and the error names the dates the data do cover.
+    landing, archive, registry = tmp_path / "landing", str(tmp_path / "archive"), str(tmp_path / "registry")
+    _land(landing, "CTU-Malware-Capture-44-1")
+    report = retrain(str(landing), archive, registry, date="2026-11-26", cfg=load_config(None, []))
+    assert not report.ok
+    text = report.summary()
+    assert "no flows in the window 2026-10-28 .. 2026-11-27 (nightly.window_days=30)" in text, text
+    assert "they hold flows dated 2019-01-10 .. 2019-01-10: pass --date within that range" in text, text
+    assert arc.count_rows(archive) == 0 and reg.champion(registry) is None
+
+
 # --------------------------------------------------------------------------- drift (no Train fit)
 
 

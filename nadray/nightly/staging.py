@@ -156,6 +156,16 @@ def window_paths(archive: str, date: str, start: Any, end: Any) -> list[str]:
     return main + staged
 
 
+def held_dates(archive: str, date: str) -> tuple[str, str] | None:
+    """(first, last) ``YYYY-MM-DD`` partition of main + this night's staging, or None when
+    both are empty: what an empty window's error tells the user to aim at."""
+    dates = set(arc.list_dates(archive)) if storage.exists(archive) else set()
+    st = staging_uri(archive, date)
+    if storage.exists(st):
+        dates |= set(arc.list_dates(st))
+    return (min(dates), max(dates)) if dates else None
+
+
 def load_window(archive: str, date: str, start: Any, end: Any) -> pa.Table:
     """Flows of main + staging with ``start <= ts < end``, time-ordered.
 
