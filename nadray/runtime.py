@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -33,10 +34,13 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 # Ray Train 2.60's PlacementGroupCleaner asks the State API every second whether the
 # training controller is still alive. An embedded Ray has no dashboard, so no State
 # API, and each check logs this warning instead: 75 of the 91 lines a `nadray train`
-# printed on 216k flows. The cleaner can never act there; nadray.placement releases
-# the groups it would have.
+# printed on 216k flows. When another Ray runs on the machine (a `nadray serve` beside
+# the nightly job), the check raises ConnectionError instead and the cleaner's thread
+# dies with a 25-line traceback. The cleaner can never act there; nadray.placement
+# releases the groups it would have.
 CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 CLEANER_NOISE = "State API may be temporarily unavailable"
+CLEANER_THREAD = "PlacementGroupCleanerMonitor"
 
 
 class _DropCleanerNoise(logging.Filter):
@@ -45,10 +49,23 @@ class _DropCleanerNoise(logging.Filter):
 
 
 def quiet_worker_logs() -> None:
-    """Ray worker setup hook of the embedded Ray: drop the cleaner's warning (above), only it."""
+    """Ray worker setup hook of the embedded Ray: drop the cleaner's warning and its
+    thread's death by a State API it cannot reach (above); nothing else."""
     logger = logging.getLogger(CLEANER_LOGGER)
     if not any(isinstance(f, _DropCleanerNoise) for f in logger.filters):
         logger.addFilter(_DropCleanerNoise())
+    previous = threading.excepthook
+    if getattr(previous, "nadray_quiet", False):
+        return
+
+    def excepthook(args: threading.ExceptHookArgs) -> None:
+        unreachable = isinstance(args.exc_value, ConnectionError) or (
+            type(args.exc_value).__name__ == "RayStateApiException")
+        if not (unreachable and args.thread is not None and args.thread.name == CLEANER_THREAD):
+            previous(args)
+
+    excepthook.nadray_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = excepthook
 
 
 def cluster_cpus() -> float:

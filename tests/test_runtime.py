@@ -10,7 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from nadray.runtime import CLEANER_LOGGER, CLEANER_NOISE
+from nadray.runtime import CLEANER_LOGGER, CLEANER_NOISE, CLEANER_THREAD
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,8 @@ def test_the_filtered_warning_is_still_the_one_ray_train_logs():
     # filter silently useless: this fails first.
     spec = importlib.util.find_spec(CLEANER_LOGGER)
     assert spec is not None and spec.origin
-    assert CLEANER_NOISE in Path(spec.origin).read_text()
+    source = Path(spec.origin).read_text()
+    assert CLEANER_NOISE in source and f'name="{CLEANER_THREAD}"' in source
 
 
 def test_embedded_ray_workers_drop_only_the_cleaner_noise():
@@ -28,16 +29,27 @@ def test_embedded_ray_workers_drop_only_the_cleaner_noise():
     # a real worker logging through the cleaner's logger; the driver prints what
     # workers log.
     code = textwrap.dedent(f"""
-        import logging, time
+        import logging, threading, time
         import ray
         from nadray.runtime import ensure_ray
         ensure_ray(1)
+
+        def die(exc):
+            raise exc
 
         @ray.remote
         def emit():
             log = logging.getLogger({CLEANER_LOGGER!r})
             log.warning("Failed to query Ray Train Controller actor state. {CLEANER_NOISE}.")
             log.warning("nadray-test: a different warning from the same logger")
+            # The cleaner's thread dying on an unreachable State API, and two deaths that
+            # must still be printed: another error in that thread, the same one elsewhere.
+            for name, exc in (({CLEANER_THREAD!r}, ConnectionError("Found multiple active Ray instances")),
+                              ({CLEANER_THREAD!r}, ValueError("nadray-test: another error")),
+                              ("nadray-test-thread", ConnectionError("nadray-test: elsewhere"))):
+                t = threading.Thread(target=die, args=(exc,), name=name)
+                t.start()
+                t.join()
             return True
 
         assert ray.get(emit.remote())
@@ -55,4 +67,5 @@ def test_embedded_ray_workers_drop_only_the_cleaner_noise():
             proc.wait()
     assert proc.returncode == 0, out[-3000:]
     assert "nadray-test: a different warning from the same logger" in out, out[-3000:]
-    assert CLEANER_NOISE not in out, out[-3000:]
+    assert "nadray-test: another error" in out and "nadray-test: elsewhere" in out, out[-3000:]
+    assert CLEANER_NOISE not in out and "Found multiple active Ray instances" not in out, out[-3000:]
