@@ -376,8 +376,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # thread a secondary malloc arena whose 64 MB heaps are mapped and unmapped as each
 # step's tensors come and go. On 2 cores about half the runs fell into that: 120k page
 # faults/s, 30% system time, epochs 40% longer than the same loop in a main thread
-# (BENCHMARKS.md, "Ray Train's ratio"). With one arena the freed memory stays mapped,
-# as in a plain torch process: 9 runs of 9 fast, against 8 of 12 slow without it.
+# (BENCHMARKS.md, "Ray Train's gap, found and fixed"). With one arena the freed
+# memory stays mapped, as in a plain torch process: 11 runs of 11 fast, against 8 of
+# 12 slow without it.
 WORKER_ENV_VARS = {"MALLOC_ARENA_MAX": "1"}
 
 
