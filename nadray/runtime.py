@@ -51,12 +51,8 @@ class _DropCleanerNoise(logging.Filter):
 def quiet_worker_logs() -> None:
     """Ray worker setup hook of the embedded Ray: drop the cleaner's warning and its
     thread's death by a State API it cannot reach (above); nothing else."""
-    logger = logging.getLogger(CLEANER_LOGGER)
-    if not any(isinstance(f, _DropCleanerNoise) for f in logger.filters):
-        logger.addFilter(_DropCleanerNoise())
+    logging.getLogger(CLEANER_LOGGER).addFilter(_DropCleanerNoise())
     previous = threading.excepthook
-    if getattr(previous, "nadray_quiet", False):
-        return
 
     def excepthook(args: threading.ExceptHookArgs) -> None:
         unreachable = isinstance(args.exc_value, ConnectionError) or (
@@ -64,7 +60,6 @@ def quiet_worker_logs() -> None:
         if not (unreachable and args.thread is not None and args.thread.name == CLEANER_THREAD):
             previous(args)
 
-    excepthook.nadray_quiet = True  # type: ignore[attr-defined]
     threading.excepthook = excepthook
 
 

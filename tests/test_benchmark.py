@@ -74,6 +74,8 @@ def test_smoke_run_reports_every_figure(ray_session, tmp_path):
         if key != "serve_added_p50_ms":  # a difference of two noisy medians: may be <= 0
             assert v > 0, (key, v)
     assert len(out["stages"]["batch"]["sizes"]) == 3
+    # The Ray Train worker, started from build_trainer's run config, runs with one malloc arena.
+    assert out["stages"]["train"]["worker_malloc_arena_max"] == "1"
     assert {"cpu", "cores"} <= set(out["machine"]) and out["date"] and out["command"] == "pytest smoke"
     assert [f["key"] for f in out["floors"]] == [k for k, *_ in bm.FLOORS]
     table = bm.table(out)

@@ -170,6 +170,17 @@ def test_a_night_whose_files_predate_the_window_says_where_the_flows_are(tmp_pat
     assert arc.count_rows(archive) == 0 and reg.champion(registry) is None
 
 
+def test_a_night_with_nothing_readable_says_so(tmp_path):
+    # Only a file that is not a flow log: refused, and the error says there is nothing at all.
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "notes.txt").write_text("span port moved to the core switch\n")
+    report = retrain(str(landing), str(tmp_path / "archive"), str(tmp_path / "registry"), date="2026-11-26",
+                     cfg=load_config(None, []))
+    assert not report.ok
+    assert "and its staging; they hold no flows" in report.summary(), report.summary()
+
+
 # --------------------------------------------------------------------------- drift (no Train fit)
 
 

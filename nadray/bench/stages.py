@@ -391,8 +391,9 @@ def bench_serve(ref: str, base: pa.Table, n_seq: int, n_batches: int, batch_flow
 
 def timed_loop(config: dict) -> None:
     """``train_loop_per_worker`` with each ``ray.train.report`` time-stamped into the metrics:
-    when it was called, how long the previous call took (with its checkpoint), and the
-    training thread's CPU time, which says whether a slow epoch waited or computed."""
+    when it was called, how long the previous call took (with its checkpoint), the
+    training thread's CPU time, which says whether a slow epoch waited or computed, and
+    the worker's ``MALLOC_ARENA_MAX``."""
     import ray.train
 
     from nadray.train import train_loop_per_worker
@@ -406,7 +407,8 @@ def timed_loop(config: dict) -> None:
         stamps.append(time.perf_counter())
         thread_cpu.append(time.thread_time())
         out = real({**metrics, "bench_report_times": list(stamps), "bench_report_s": list(report_s),
-                    "bench_thread_cpu": list(thread_cpu)}, checkpoint=checkpoint, **kw)
+                    "bench_thread_cpu": list(thread_cpu),
+                    "bench_malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX")}, checkpoint=checkpoint, **kw)
         report_s.append(time.perf_counter() - stamps[-1])
         return out
 
@@ -496,7 +498,9 @@ def bench_train(base: pa.Table, n_flows: int, windows: int, epochs: int, tmp: st
     cpu = result.metrics["bench_thread_cpu"]
     diag = {"ray_epoch_s": _diffs(ray_stamps), "ray_epoch_thread_cpu_s": _diffs(cpu),
             "ray_report_s": [round(v, 4) for v in result.metrics["bench_report_s"]],
-            "plain_epoch_s": _diffs(plain_a) + _diffs(plain_b)}
+            "plain_epoch_s": _diffs(plain_a) + _diffs(plain_b),
+            # what the worker saw of nadray.train.WORKER_ENV_VARS (None: the setting did not reach it)
+            "worker_malloc_arena_max": result.metrics.get("bench_malloc_arena_max")}
     return {"flows": n_flows, "events": len(data.events), "train_windows_per_epoch": min(len(data.train_idx), windows),
             "steps_per_epoch": steps, "epochs": len(ray_stamps), "batch_size": cfg.train.batch_size, "use_gpu": use_gpu,
             "prepare_s": t_prep, "train_steps_per_s": ray_rate, "plain_torch_steps_per_s": plain_rate,
