@@ -27,6 +27,7 @@ import datetime as _dt
 import hashlib
 import io
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from nadray import storage
+from nadray.runtime import local_cpus
 from nadray.schema import FLOW_SCHEMA, QUARANTINE_SCHEMA, TIME_ORDER
 
 MANIFEST_DIR = "_manifest"
@@ -42,6 +44,9 @@ QUARANTINE_DIR = "_quarantine"
 _DATE_DIR = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
 _EPOCH = _dt.date(1970, 1, 1)
 _US_PER_DAY = 86_400 * 1_000_000
+# At most this many day partitions written at once: enough to keep 16 cores or an S3
+# connection pool busy, few enough that the parts in flight stay small in memory.
+WRITE_THREADS = 16
 
 
 # ------------------------------------------------------------------------ helpers
@@ -111,13 +116,23 @@ def write_flows(archive: str, table: pa.Table, key: str | None = None) -> list[s
     table = table.sort_by([(c, "ascending") for c in TIME_ORDER])
     day_no = (table["ts"].combine_chunks().cast(pa.int64()).to_numpy() // _US_PER_DAY)  # ts >= 0: schema.MIN_TS_US
     cuts = [0, *(np.flatnonzero(day_no[1:] != day_no[:-1]) + 1).tolist(), table.num_rows]
-    out = []
-    for lo, hi in zip(cuts[:-1], cuts[1:]):
-        day = (_EPOCH + _dt.timedelta(days=int(day_no[lo]))).isoformat()
-        uri = storage.join(archive, f"date={day}", f"part-{key}.parquet")
+    parts = [(storage.join(archive, f"date={(_EPOCH + _dt.timedelta(days=int(day_no[lo]))).isoformat()}",
+                           f"part-{key}.parquet"), lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:])]
+
+    def put(part: tuple[str, int, int]) -> None:
+        uri, lo, hi = part
         _write_atomic(uri, _to_bytes(table.slice(lo, hi - lo)))
-        out.append(uri)
-    return out
+
+    # A file spanning many days has one part per day. Parquet encoding, zstd, fsync and
+    # S3 PUTs release the GIL, so parts are written side by side; the first error is
+    # raised once all have stopped, and the .pending marker hides whatever was written.
+    threads = min(len(parts), max(2, local_cpus()), WRITE_THREADS)
+    if threads <= 1:
+        put(parts[0])
+    else:
+        with ThreadPoolExecutor(threads, thread_name_prefix="nadray-write") as pool:
+            list(pool.map(put, parts))
+    return [uri for uri, _, _ in parts]
 
 
 def quarantine_uri(archive: str, quarantine: str | None = None) -> str:

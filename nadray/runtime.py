@@ -69,6 +69,13 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1.0))
 
 
+def local_cpus() -> int:
+    """CPUs this process may use for its own threads."""
+    # Inside a Ray task OMP_NUM_THREADS is the task's CPU allotment: don't take the node.
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    return max(1, int(omp)) if omp.isdigit() else (os.cpu_count() or 1)
+
+
 def configure_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,

@@ -57,6 +57,25 @@ def test_each_part_holds_its_utc_day_in_time_order(tmp_path):
     assert [got[d]["source_row"].to_pylist() for d in got] == [[2], [4, 1, 5], [3, 0]]
 
 
+def test_a_failed_part_fails_the_write_and_leaves_the_others_whole(tmp_path, monkeypatch):
+    """Day parts are written side by side: one part's error still reaches the caller (ingest
+    then keeps the input pending), and the parts written beside it are whole files."""
+    a = str(tmp_path / "a")
+    real = archive._write_atomic
+
+    def flaky(uri: str, data: bytes) -> None:
+        if "date=2020-01-02" in uri:
+            raise OSError("disk full")
+        real(uri, data)
+
+    monkeypatch.setattr(archive, "_write_atomic", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        archive.write_flows(a, _flows(["2020-01-01", "2020-01-02", "2020-01-03", "2020-01-04"]), key="k")
+    written = sorted(os.listdir(a))
+    assert "date=2020-01-02" not in written and len(written) == 3
+    assert all(pq.read_table(os.path.join(a, d, "part-k.parquet")).num_rows == 1 for d in written)
+
+
 def test_temporary_files_are_invisible(tmp_path):
     a = str(tmp_path / "a")
     archive.write_flows(a, _flows(["2020-01-01"]), key="k1")

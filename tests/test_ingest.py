@@ -527,7 +527,7 @@ def test_conversion_in_row_chunks_equals_one_piece(variant, monkeypatch):
         data += data.rsplit(b"\n", 2)[1] + b",extra\n"
     one = zeek.read(data, "conn.csv"), zeek._read_csv(split_lines(data), "conn.csv")
     monkeypatch.setattr(common, "CONVERT_CHUNK_ROWS", 5)
-    monkeypatch.setattr(common, "_cpus", lambda: 4)
+    monkeypatch.setattr(common, "local_cpus", lambda: 4)
     calls = []
     real = common.ThreadPoolExecutor.map
     monkeypatch.setattr(common.ThreadPoolExecutor, "map", lambda self, fn, pieces: calls.append(len(pieces)) or
@@ -582,3 +582,19 @@ def test_may_contain_looks_only_at_the_values_of_a_slice():
     assert _may_contain(pa.chunked_array([["1"], ["0X2"]]), (b"X",))
     assert _may_contain(pa.array(["0x1"], pa.large_string()), (b"x",))
     assert not _may_contain(pa.array([], pa.string()), (b"x",))
+
+
+@pytest.mark.parametrize("nulls", [("", "-"), ("", "-", "(empty)"), ("-",), ("",), ("NA", "-"), ("a", "b", "c", "d", "e"), ()])
+def test_null_mask_matches_is_in(nulls):
+    """The length-and-equality null test gives what Arrow's is_in gives, nulls included."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from nadray.ingest.common import Validator
+
+    for arr in (pa.array(["", "-", "x", None, "--", " ", "NA"]), pa.chunked_array([["-", "a"], ["", None]]),
+                pa.array(["-", "", "y"], pa.large_string())):
+        ref = pc.is_null(arr)
+        if nulls:
+            ref = pc.or_kleene(ref, pc.is_in(arr, value_set=pa.array(list(nulls), pa.string())))
+        assert Validator.null_mask(arr, nulls).to_pylist() == ref.to_pylist()

@@ -24,7 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from nadray.errors import InputError
-from nadray.ingest.common import ReadResult, Validator, assemble, decode_raw, map_labels, nonblank_lines, split_records
+from nadray.ingest.common import (
+    ReadResult, Validator, assemble, decode_raw, false_if_null, map_labels, nonblank_lines, split_records,
+)
 
 FORMAT = "argus"
 REQUIRED = ["StartTime", "Proto", "SrcAddr", "DstAddr"]
@@ -76,7 +78,7 @@ def read(data: bytes, source: str) -> ReadResult:
             continue
         src = v.integer(a, sname, nulls=nulls)
         dst = pc.subtract(tot, src)
-        neg = pc.fill_null(pc.less(dst, 0), False)
+        neg = false_if_null(pc.less(dst, 0))
         v.fail(neg, sname, f"at most Tot{sname[3:]}", a)
         out[sc] = src
         out[dc] = pc.if_else(neg, pa.scalar(None, pa.int64()), dst)

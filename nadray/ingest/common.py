@@ -22,7 +22,6 @@ So every record ends either in the flows table or in the quarantine table, and
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from nadray.errors import InputError
+from nadray.runtime import local_cpus
 from nadray.schema import FLOW_SCHEMA, MAX_TS_US, MIN_TS_US, QUARANTINE_SCHEMA, TS_TYPE
 
 PROTO_NAMES = {1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 41: "ipv6", 47: "gre", 50: "esp", 58: "ipv6-icmp", 132: "sctp"}
@@ -219,6 +219,12 @@ def unique_names(columns: Sequence[str]) -> list[str]:
 # ------------------------------------------------------------------------ validation
 
 
+def false_if_null(mask: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """``pc.fill_null(mask, False)`` for a boolean mask. Arrow's fill_null runs coalesce,
+    which took 2.6 ms on 400k rows with nulls; these two bitmap kernels take 0.04 ms."""
+    return pc.and_kleene(mask, pc.is_valid(mask)) if mask.null_count else mask
+
+
 def _may_contain(arr: pa.Array | pa.ChunkedArray, needles: Sequence[bytes]) -> bool:
     """Whether some string of ``arr`` contains one of ``needles``: a memchr over the bytes
     of exactly its values (a slice of a larger column copies only its own range)."""
@@ -270,11 +276,21 @@ class Validator:
 
     # -- helpers
     @staticmethod
-    def _null_mask(arr: pa.Array, nulls: Iterable[str]) -> pa.Array:
+    def null_mask(arr: pa.Array, nulls: Iterable[str]) -> pa.Array:
+        """True where ``arr`` is null or one of the ``nulls`` spellings (``"-"``, ``""``)."""
         nulls = list(nulls)
         if not nulls:
             return pc.is_null(arr)
-        listed = pc.is_in(arr, value_set=pa.array(nulls, pa.string()))
+        if len(nulls) <= 4:  # e.g. Zeek's ("", "-", "(empty)"): one comparison each beats is_in's hashing 3x
+            length = pc.binary_length(arr)
+            hits = [pc.equal(length, 0) if v == "" else pc.equal(arr, v) for v in nulls]
+            listed = hits[0]
+            for h in hits[1:]:
+                listed = pc.or_(listed, h)
+            if arr.null_count:
+                listed = false_if_null(listed)
+        else:
+            listed = pc.is_in(arr, value_set=pa.array(nulls, pa.string()))
         if arr.null_count == 0:  # parsed text has no nulls: skip two passes
             return listed
         return pc.or_kleene(pc.is_null(arr), listed)
@@ -282,20 +298,20 @@ class Validator:
     def required(self, arr: pa.Array, name: str, nulls: Iterable[str] = ("", "-")) -> pa.Array:
         """A non-empty string; nulls break the 'required' rule."""
         arr = self.trim(arr)
-        isnull = self._null_mask(arr, nulls)
+        isnull = self.null_mask(arr, nulls)
         self.fail(isnull, name, "a value (required field)", arr)
         return arr
 
     def optional_str(self, arr: pa.Array, nulls: Iterable[str] = ("", "-")) -> pa.Array:
         arr = self.trim(arr)
-        return pc.if_else(self._null_mask(arr, nulls), pa.scalar(None, pa.string()), arr)
+        return pc.if_else(self.null_mask(arr, nulls), pa.scalar(None, pa.string()), arr)
 
     def integer(self, arr: pa.Array, name: str, nulls: Iterable[str] = ("", "-"), lo: int = 0,
                 hi: int | None = None, hex_ok: bool = False, out: pa.DataType = pa.int64(),
                 required: bool = False) -> pa.Array:
         """Non-negative integer (decimal, optionally ``0x`` hex) in [lo, hi]; null values allowed."""
         arr = self.trim(arr)
-        isnull = self._null_mask(arr, nulls)
+        isnull = self.null_mask(arr, nulls)
         if hi is not None:
             rule = f"an integer in {lo}..{hi}"
         else:
@@ -314,7 +330,7 @@ class Validator:
             bad_range = pc.less(vals, lo)
             if hi is not None:
                 bad_range = pc.or_(bad_range, pc.greater(vals, hi))
-            bad_range = pc.fill_null(bad_range, False)
+            bad_range = false_if_null(bad_range)
             if pc.any(bad_range).as_py():
                 self.fail(bad_range, name, rule, arr)
                 vals = pc.if_else(bad_range, pa.scalar(None, pa.int64()), vals)
@@ -335,15 +351,15 @@ class Validator:
         bad_range = pc.less(vals, lo)
         if hi is not None:
             bad_range = pc.or_(bad_range, pc.greater(vals, hi))
-        self.fail(pc.fill_null(bad_range, False), name, rule, arr)
-        vals = pc.if_else(pc.fill_null(bad_range, False), pa.scalar(None, pa.int64()), vals)
+        self.fail(false_if_null(bad_range), name, rule, arr)
+        vals = pc.if_else(false_if_null(bad_range), pa.scalar(None, pa.int64()), vals)
         return vals.cast(out)
 
     def number(self, arr: pa.Array, name: str, nulls: Iterable[str] = ("", "-"),
                allow_negative: bool = False) -> pa.Array:
         """A finite float (non-negative unless allowed); nulls allowed."""
         arr = self.trim(arr)
-        isnull = self._null_mask(arr, nulls)
+        isnull = self.null_mask(arr, nulls)
         rule = "a finite number" if allow_negative else "a finite non-negative number"
         try:
             vals = pc.if_else(isnull, pa.scalar(None, pa.string()), arr).cast(pa.float64())
@@ -357,13 +373,13 @@ class Validator:
         bad = pc.invert(pc.is_finite(vals))
         if not allow_negative:
             bad = pc.or_(bad, pc.less(vals, 0))
-        bad = pc.fill_null(bad, False)
+        bad = false_if_null(bad)
         self.fail(bad, name, rule, arr)
         return pc.if_else(bad, pa.scalar(None, pa.float64()), vals)
 
     def check_ts(self, us: pa.Array, name: str, raw: pa.Array | Sequence, required: bool = True) -> pa.Array:
         """Range-check microsecond timestamps (int64) against schema.MIN_TS_US/MAX_TS_US."""
-        out_of_range = pc.fill_null(pc.or_(pc.less(us, MIN_TS_US), pc.greater_equal(us, MAX_TS_US)), False)
+        out_of_range = false_if_null(pc.or_(pc.less(us, MIN_TS_US), pc.greater_equal(us, MAX_TS_US)))
         self.fail(out_of_range, name, "a timestamp between 1970-01-01 and 2100-01-01", raw)
         us = pc.if_else(out_of_range, pa.scalar(None, pa.int64()), us)
         if required:
@@ -374,7 +390,7 @@ class Validator:
                       iso_ok: bool = False) -> pa.Array:
         """Epoch seconds (``1540469303.123456``) to int64 microseconds; ISO 8601 strings when ``iso_ok``."""
         arr = self.trim(arr)
-        isnull = self._null_mask(arr, nulls)
+        isnull = self.null_mask(arr, nulls)
         try:  # fast path: every set value is a number
             f = pc.if_else(isnull, pa.scalar(None, pa.string()), arr).cast(pa.float64())
             num = pc.invert(isnull)
@@ -382,7 +398,7 @@ class Validator:
             # The numbers Arrow's cast reads (as on the fast path); the range check judges them.
             num = pc.match_substring_regex(arr, r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?$")
             f = pc.if_else(num, arr, pa.scalar(None, pa.string())).cast(pa.float64())
-        notfinite = pc.fill_null(pc.invert(pc.is_finite(f)), False)
+        notfinite = false_if_null(pc.invert(pc.is_finite(f)))
         if pc.any(notfinite).as_py():
             num = pc.and_(num, pc.invert(notfinite))
             f = pc.if_else(notfinite, pa.scalar(None, pa.float64()), f)
@@ -405,7 +421,7 @@ class Validator:
         other values are parsed one by one (with a cache: logs repeat timestamps).
         """
         arr = self.trim(arr)
-        isnull = self._null_mask(arr, nulls)
+        isnull = self.null_mask(arr, nulls)
         us = pa.nulls(len(arr), pa.int64())
         todo = pc.invert(isnull)
         if fast_regex is not None and fast_fn is not None:
@@ -415,7 +431,7 @@ class Validator:
                 todo = pc.and_(todo, pc.invert(fast))
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 pass  # an impossible date among them: parse all one by one
-        todo = pc.fill_null(todo, False)
+        todo = false_if_null(todo)
         if pc.any(todo).as_py():
             cache: dict[str, int | None] = {}
             vals = us.to_pylist()
@@ -593,12 +609,6 @@ class _LineRange(Sequence):
         return self._lines[self._lo + i]
 
 
-def _cpus() -> int:
-    # Inside a Ray task OMP_NUM_THREADS is the task's CPU allotment: don't take the node.
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    return max(1, int(omp)) if omp.isdigit() else (os.cpu_count() or 1)
-
-
 def convert_in_chunks(recs: Records, convert: Callable[[Records], ReadResult]) -> ReadResult:
     """``convert(recs)``, run on row ranges in threads when ``recs`` is large.
 
@@ -608,7 +618,7 @@ def convert_in_chunks(recs: Records, convert: Callable[[Records], ReadResult]) -
     read, a single-threaded conversion was most of the ingest time on many cores.
     """
     n = recs.table.num_rows
-    workers = min(_cpus(), -(-n // CONVERT_CHUNK_ROWS))
+    workers = min(local_cpus(), -(-n // CONVERT_CHUNK_ROWS))
     if workers <= 1:
         return convert(recs)
     cuts = np.linspace(0, n, workers + 1).astype(int)

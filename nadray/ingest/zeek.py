@@ -256,7 +256,7 @@ def _check_columns(columns: list[str], source: str) -> None:
 
 def _bool(v: Validator, arr: pa.Array, name: str, nulls, strip=pc.utf8_trim_whitespace) -> pa.Array:
     arr = strip(arr)
-    isnull = v._null_mask(arr, nulls)
+    isnull = v.null_mask(arr, nulls)
     if pc.all(isnull).as_py():  # unset in the whole log, as in most captures: nothing to read
         return pa.nulls(len(arr), pa.bool_())
     low = pc.utf8_lower(arr)
@@ -268,11 +268,11 @@ def _bool(v: Validator, arr: pa.Array, name: str, nulls, strip=pc.utf8_trim_whit
 
 def _zeek_label_detail(label: pa.Array, detail: pa.Array | None, nulls, strip=pc.utf8_trim_whitespace) -> pa.Array:
     lab = strip(label)
-    lab = pc.if_else(pc.is_in(lab, value_set=pa.array(list(nulls))), pa.scalar(None, pa.string()), lab)
+    lab = pc.if_else(Validator.null_mask(lab, nulls), pa.scalar(None, pa.string()), lab)
     if detail is None:
         return lab
     det = strip(detail)
-    det_set = pc.invert(pc.fill_null(pc.is_in(det, value_set=pa.array(list(nulls))), True))
+    det_set = pc.invert(Validator.null_mask(det, nulls))
     joined = pc.binary_join_element_wise(pc.fill_null(lab, ""), det, ": ")
     return pc.if_else(det_set, joined, lab)
 
