@@ -43,15 +43,43 @@ CLEANER_NOISE = "State API may be temporarily unavailable"
 CLEANER_THREAD = "PlacementGroupCleanerMonitor"
 
 
-class _DropCleanerNoise(logging.Filter):
+# Ray Train 2.60 also logs two INFO lines per epoch from each worker, about 400
+# characters each (the checkpoint's path, every metric): 22 of the 33 lines of a
+# `nadray train` on the bundled logs. The train loop logs one short line per epoch
+# instead (nadray.train.epoch_line), so the embedded Ray drops these two. The second
+# logger is named by its file's path (logging.getLogger(__file__)), hence the tuple.
+CHECKPOINT_LOGGER = "ray.train.v2._internal.execution.storage"
+CHECKPOINT_NOISE = "Checkpoint successfully created at: "
+REPORT_LOGGER_FILE = ("train", "v2", "_internal", "execution", "context.py")
+REPORT_NOISE = "Reporting training result "
+
+
+class _Drop(logging.Filter):
+    """Drops records whose message contains ``text`` (``prefix``: starts with it)."""
+
+    def __init__(self, text: str, prefix: bool = False):
+        super().__init__()
+        self.text, self.prefix = text, prefix
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return CLEANER_NOISE not in record.getMessage()
+        message = record.getMessage()
+        return not (message.startswith(self.text) if self.prefix else self.text in message)
+
+
+def report_logger_name() -> str:
+    """The name of the logger that logs "Reporting training result": its file's path."""
+    import ray
+
+    return os.path.join(os.path.dirname(ray.__file__), *REPORT_LOGGER_FILE)
 
 
 def quiet_worker_logs() -> None:
     """Ray worker setup hook of the embedded Ray: drop the cleaner's warning and its
-    thread's death by a State API it cannot reach (above); nothing else."""
-    logging.getLogger(CLEANER_LOGGER).addFilter(_DropCleanerNoise())
+    thread's death by a State API it cannot reach, and Ray Train's two long lines per
+    epoch (above); nothing else."""
+    logging.getLogger(CLEANER_LOGGER).addFilter(_Drop(CLEANER_NOISE))
+    logging.getLogger(CHECKPOINT_LOGGER).addFilter(_Drop(CHECKPOINT_NOISE, prefix=True))
+    logging.getLogger(report_logger_name()).addFilter(_Drop(REPORT_NOISE, prefix=True))
     previous = threading.excepthook
 
     def excepthook(args: threading.ExceptHookArgs) -> None:

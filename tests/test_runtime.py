@@ -10,7 +10,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-from nadray.runtime import CLEANER_LOGGER, CLEANER_NOISE, CLEANER_THREAD
+from nadray.runtime import (
+    CHECKPOINT_LOGGER, CHECKPOINT_NOISE, CLEANER_LOGGER, CLEANER_NOISE, CLEANER_THREAD, REPORT_NOISE, report_logger_name,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,6 +24,14 @@ def test_the_filtered_warning_is_still_the_one_ray_train_logs():
     assert spec is not None and spec.origin
     source = Path(spec.origin).read_text()
     assert CLEANER_NOISE in source and f'name="{CLEANER_THREAD}"' in source
+
+
+def test_the_dropped_progress_lines_are_still_the_ones_ray_train_logs():
+    spec = importlib.util.find_spec(CHECKPOINT_LOGGER)
+    assert spec is not None and spec.origin
+    assert f'logger.info(f"{CHECKPOINT_NOISE}' in Path(spec.origin).read_text()
+    report = Path(report_logger_name()).read_text()  # that logger is named by its file's path
+    assert "logger = logging.getLogger(__file__)" in report and f'f"{REPORT_NOISE}' in report
 
 
 def test_embedded_ray_workers_drop_only_the_cleaner_noise():
@@ -42,6 +52,13 @@ def test_embedded_ray_workers_drop_only_the_cleaner_noise():
             log = logging.getLogger({CLEANER_LOGGER!r})
             log.warning("Failed to query Ray Train Controller actor state. {CLEANER_NOISE}.")
             log.warning("nadray-test: a different warning from the same logger")
+            # Ray Train's two long lines per epoch, and other lines of the same loggers
+            from nadray.runtime import report_logger_name
+            for name, noise in (({CHECKPOINT_LOGGER!r}, {CHECKPOINT_NOISE!r}), (report_logger_name(), {REPORT_NOISE!r})):
+                # Ray logs them at INFO, which a plain task's handlers don't print; the filter
+                # goes by the message alone.
+                logging.getLogger(name).warning(noise + "nadray-test-noise")
+                logging.getLogger(name).warning("nadray-test: progress kept " + name[-10:])
             # The cleaner's thread dying on an unreachable State API, and two deaths that
             # must still be printed: another error in that thread, the same one elsewhere.
             for name, exc in (({CLEANER_THREAD!r}, ConnectionError("Found multiple active Ray instances")),
@@ -69,3 +86,4 @@ def test_embedded_ray_workers_drop_only_the_cleaner_noise():
     assert "nadray-test: a different warning from the same logger" in out, out[-3000:]
     assert "nadray-test: another error" in out and "nadray-test: elsewhere" in out, out[-3000:]
     assert CLEANER_NOISE not in out and "Found multiple active Ray instances" not in out, out[-3000:]
+    assert "nadray-test-noise" not in out and out.count("nadray-test: progress kept") == 2, out[-3000:]

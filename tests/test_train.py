@@ -183,3 +183,14 @@ def test_default_lstm_at_least_isolation_forest_on_the_stratosphere_labelled_log
     assert lstm["n_labelled"] == 154 and lstm["n_malicious"] == 146
     assert lstm["roc_auc"] >= max(0.95, iso["roc_auc"]), (lstm["roc_auc"], iso["roc_auc"])
     assert lstm["pr_auc"] >= iso["pr_auc"], (lstm["pr_auc"], iso["pr_auc"])
+
+
+def test_epoch_line_is_short_and_says_why_training_stops():
+    from nadray.train import epoch_line
+
+    m = {"epoch": 3, "train_loss": 0.12794, "val_loss": 0.155, "best_val_loss": 0.1549, "val_roc_auc": 0.98184,
+         "val_pr_auc": float("nan"), "stop": False}
+    assert epoch_line(m, 40, 5) == ("epoch 4/40: train loss 0.1279, val loss 0.1550 (best 0.1549), "
+                                    "val ROC-AUC 0.982, PR-AUC n/a")
+    assert epoch_line({**m, "stop": True, "val_roc_auc": None}, 40, 5).endswith(
+        "val ROC-AUC n/a, PR-AUC n/a; stopping: val loss has not improved for 5 epochs")
