@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -177,10 +178,14 @@ def _read_csv_fast(data: bytes, source: str) -> ReadResult | None:
     if data[start:start + 1] in (b"", b"\n"):
         return None
     columns, sep = _csv_header(first, source)
-    recs = fast_records(data, columns, sep, keep=USED, start=start)
-    if recs is None:
-        return None
-    return _convert(recs, source, nulls=("", "-", "(empty)"), padded=has_padding(data, start))
+    # has_padding's scans hold the GIL and pyarrow's parse releases it: on a machine with
+    # cores to spare the scan costs no time.
+    with ThreadPoolExecutor(1, thread_name_prefix="nadray-padding") as pool:
+        padded = pool.submit(has_padding, data, start)
+        recs = fast_records(data, columns, sep, keep=USED, start=start)
+        if recs is None:
+            return None
+        return _convert(recs, source, nulls=("", "-", "(empty)"), padded=padded.result())
 
 
 def _read_csv(lines: list[bytes], source: str) -> ReadResult:
