@@ -107,3 +107,23 @@ def test_fuzz_parser(cases, name):
         assert res.read >= clean.read - sum(op in ("replace", "mutate") for op, _, _ in ops) - 1
 
     run()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600), st.integers(0, 40), st.sampled_from([3, 64, 1 << 18]))
+def test_has_padding_never_misses_what_trimming_would_remove(body, start, piece):
+    """Skipping the trim is safe only if no value can start or end with a byte it removes:
+    has_padding must say True whenever body[start:] holds one of them, or any non-ASCII byte."""
+    from nadray.ingest import common
+
+    old, common._PAD_SCAN = common._PAD_SCAN, piece
+    try:
+        got = common.has_padding(body, start)
+    finally:
+        common._PAD_SCAN = old
+    rest = body[start:]
+    trimmed = b" \t\x0b\x0c\r\x1c\x1d\x1e\x1f"
+    if not rest.isascii() or any(c in trimmed for c in rest):
+        assert got
+    if all(c == 0x0A or 0x21 <= c <= 0x7E for c in rest):
+        assert not got

@@ -594,6 +594,11 @@ def quarantine_table(source: str, bad: list[tuple[int | None, str | None, str]])
 # Rows per piece when one input is converted on several threads: big enough that
 # per-piece Python overhead is noise, small enough that 100k rows use 3 cores.
 CONVERT_CHUNK_ROWS = 32_768
+# At most this many pieces at once. Each piece makes ~150 kernel calls, each taking and
+# releasing the GIL; past 4 threads the hand-offs cost more than the cores give. On the
+# 16-core machine (BENCHMARKS.md) converting 400k rows took 171 / 102 / 65 / 85 / 139 ms
+# on 1 / 2 / 4 / 8 / 16 threads.
+CONVERT_MAX_THREADS = 4
 
 
 class _LineRange(Sequence):
@@ -618,7 +623,7 @@ def convert_in_chunks(recs: Records, convert: Callable[[Records], ReadResult]) -
     read, a single-threaded conversion was most of the ingest time on many cores.
     """
     n = recs.table.num_rows
-    workers = min(local_cpus(), -(-n // CONVERT_CHUNK_ROWS))
+    workers = min(local_cpus(), CONVERT_MAX_THREADS, -(-n // CONVERT_CHUNK_ROWS))
     if workers <= 1:
         return convert(recs)
     cuts = np.linspace(0, n, workers + 1).astype(int)
@@ -665,18 +670,27 @@ def _blank(line: bytes) -> bool:
     return not line.strip()
 
 
-# ASCII bytes that pyarrow's utf8_trim_whitespace removes (besides the LF that ends lines).
-_TRIMMED = (b" ", b"\t", b"\x0b", b"\x0c", b"\r", b"\x1c", b"\x1d", b"\x1e", b"\x1f")
+# Bytes has_padding compares at a time: a piece stays in cache across its passes
+# (50 MB in 256 KB pieces: 11 ms; in 1 MB pieces: 48 ms, on the 2-core machine).
+_PAD_SCAN = 1 << 18
 
 
 def has_padding(body: bytes, start: int = 0) -> bool:
     """Whether some value of ``body[start:]`` may carry whitespace that trimming would remove.
 
-    False only for ASCII text without any whitespace byte but LF (a few memchr scans):
-    then every ``utf8_trim_whitespace`` of its fields is a no-op and can be skipped.
-    The ASCII check covers all of ``body``: True errs on the safe side (trimming runs).
+    False only for ASCII text whose only byte below ``!`` is the LF that ends lines: then
+    every ``utf8_trim_whitespace`` of its fields is a no-op and can be skipped. Any other
+    control byte, or a non-ASCII one, gives True: that errs on the safe side (trimming
+    runs). numpy releases the GIL, so the scan runs beside pyarrow's parse of the bytes.
     """
-    return not body.isascii() or any(body.find(c, start) >= 0 for c in _TRIMMED)
+    a = np.frombuffer(body, np.uint8)
+    for lo in range(start, len(a), _PAD_SCAN):
+        piece = a[lo:lo + _PAD_SCAN]
+        # '!'..DEL map to 0..0x5e; every byte below '!' (LF too) or above DEL maps higher.
+        outside = np.count_nonzero(np.subtract(piece, 0x21, dtype=np.uint8) > 0x5E)
+        if outside and outside > np.count_nonzero(piece == 0x0A):
+            return True
+    return False
 
 
 def fast_records(body: bytes, columns: list[str], sep: bytes, keep: Iterable[str] | None = None,

@@ -178,8 +178,7 @@ def _read_csv_fast(data: bytes, source: str) -> ReadResult | None:
     if data[start:start + 1] in (b"", b"\n"):
         return None
     columns, sep = _csv_header(first, source)
-    # has_padding's scans hold the GIL and pyarrow's parse releases it: on a machine with
-    # cores to spare the scan costs no time.
+    # Both release the GIL: with cores to spare the padding scan costs no time.
     with ThreadPoolExecutor(1, thread_name_prefix="nadray-padding") as pool:
         padded = pool.submit(has_padding, data, start)
         recs = fast_records(data, columns, sep, keep=USED, start=start)
