@@ -27,7 +27,7 @@ import datetime as _dt
 import hashlib
 import io
 import re
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -124,14 +124,21 @@ def write_flows(archive: str, table: pa.Table, key: str | None = None) -> list[s
         _write_atomic(uri, _to_bytes(table.slice(lo, hi - lo)))
 
     # A file spanning many days has one part per day. Parquet encoding, zstd, fsync and
-    # S3 PUTs release the GIL, so parts are written side by side; the first error is
-    # raised once all have stopped, and the .pending marker hides whatever was written.
+    # S3 PUTs release the GIL, so parts are written side by side. The first error cancels
+    # the parts not yet started (with S3 down, each would wait out its retries) and is
+    # raised once the running ones stop; the .pending marker hides what was written.
     threads = min(len(parts), max(2, local_cpus()), WRITE_THREADS)
     if threads <= 1:
         put(parts[0])
     else:
         with ThreadPoolExecutor(threads, thread_name_prefix="nadray-write") as pool:
-            list(pool.map(put, parts))
+            futures = [pool.submit(put, part) for part in parts]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((f for f in futures if f.done() and not f.cancelled() and f.exception()), None)
+            if failed is not None:
+                for f in futures:
+                    f.cancel()
+                raise failed.exception()
     return [uri for uri, _, _ in parts]
 
 

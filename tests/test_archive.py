@@ -71,9 +71,28 @@ def test_a_failed_part_fails_the_write_and_leaves_the_others_whole(tmp_path, mon
     monkeypatch.setattr(archive, "_write_atomic", flaky)
     with pytest.raises(OSError, match="disk full"):
         archive.write_flows(a, _flows(["2020-01-01", "2020-01-02", "2020-01-03", "2020-01-04"]), key="k")
-    written = sorted(os.listdir(a))
-    assert "date=2020-01-02" not in written and len(written) == 3
+    written = sorted(os.listdir(a))  # parts not started when it failed are cancelled
+    assert written and set(written) <= {"date=2020-01-01", "date=2020-01-03", "date=2020-01-04"}
     assert all(pq.read_table(os.path.join(a, d, "part-k.parquet")).num_rows == 1 for d in written)
+
+
+def test_a_failed_part_cancels_the_parts_not_yet_started(tmp_path, monkeypatch):
+    """With the storage down every part fails after its retries: the write must stop at the
+    first failure, not try the other days one by one."""
+    import time
+
+    calls = []
+
+    def down(uri: str, data: bytes) -> None:
+        calls.append(uri)
+        time.sleep(0.05)  # a failing PUT takes a while
+        raise OSError("storage down")
+
+    monkeypatch.setattr(archive, "_write_atomic", down)
+    days = [(dt.date(2020, 1, 1) + dt.timedelta(days=i)).isoformat() for i in range(40)]
+    with pytest.raises(OSError, match="storage down"):
+        archive.write_flows(str(tmp_path / "a"), _flows(days), key="k")
+    assert len(calls) <= 2 * min(archive.WRITE_THREADS, max(2, os.cpu_count() or 1)), len(calls)
 
 
 def test_temporary_files_are_invisible(tmp_path):
