@@ -331,3 +331,22 @@ def test_report_to_s3(s3_bucket):
     assert uri == f"{s3_bucket}/reports/run1/report.html"
     assert set(storage.ls(f"{s3_bucket}/reports/run1")) == {"metrics.json", "pr.png", "roc.png", "timelines.png", "report.html"}
     assert storage.read_bytes(f"{s3_bucket}/reports/run1/roc.png")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_text_names_skipped_detectors_and_the_outcome():
+    from nadray.evaluate import summary_text
+
+    s = {"model_version": "v1", "archive": "a", "test_rows": 1200, "test_labelled": 1000, "test_malicious": 12,
+         "detectors": {"lstm": {"roc_auc": 0.91, "pr_auc": None, "n_alerts": 1234}},
+         "skipped": {"supervised_hgb": "the training split holds no malicious flows"}}
+    text = summary_text({"summary": s, "where_lstm_loses": []})
+    lines = text.splitlines()
+    assert lines[0] == "model v1 on a: test 1,200 flows, 1,000 labelled (12 malicious)"
+    assert lines[2].split()[:3] == ["lstm", "0.910", "n/a"] and lines[2].split()[-1] == "1,234"
+    assert "supervised_hgb: skipped (the training split holds no malicious flows)" in lines
+    assert "where the LSTM loses" not in text and "beats every baseline" not in text
+    won = summary_text({"summary": {**s, "lstm_beats_every_baseline": True, "report": "r/report.html"}})
+    assert won.splitlines()[-2:] == ["the LSTM beats every baseline on every compared metric",
+                                    "report: r/report.html (metrics.json beside it)"]
+    lost = summary_text({"summary": s, "where_lstm_loses": ["IsolationForest has the higher PR-AUC"]})
+    assert lost.splitlines()[-2:] == ["where the LSTM loses (1):", "  IsolationForest has the higher PR-AUC"]
