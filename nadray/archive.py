@@ -26,7 +26,9 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import io
+import os
 import re
+import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -127,19 +129,37 @@ def write_flows(archive: str, table: pa.Table, key: str | None = None) -> list[s
     # S3 PUTs release the GIL, so parts are written side by side. The first error cancels
     # the parts not yet started (with S3 down, each would wait out its retries) and is
     # raised once the running ones stop; the .pending marker hides what was written.
-    threads = min(len(parts), max(2, local_cpus()), WRITE_THREADS)
-    if threads <= 1:
-        put(parts[0])
-    else:
-        with ThreadPoolExecutor(threads, thread_name_prefix="nadray-write") as pool:
-            futures = [pool.submit(put, part) for part in parts]
-            wait(futures, return_when=FIRST_EXCEPTION)
-            failed = next((f for f in futures if f.done() and not f.cancelled() and f.exception()), None)
-            if failed is not None:
-                for f in futures:
-                    f.cancel()
-                raise failed.exception()
+    pool = _writers() if len(parts) > 1 else None
+    if pool is None:
+        for part in parts:
+            put(part)
+        return [uri for uri, _, _ in parts]
+    futures = [pool.submit(put, part) for part in parts]
+    wait(futures, return_when=FIRST_EXCEPTION)
+    failed = next((f for f in futures if f.done() and not f.cancelled() and f.exception()), None)
+    if failed is not None:
+        for f in futures:
+            f.cancel()
+        wait(futures)
+        raise failed.exception()
     return [uri for uri, _, _ in parts]
+
+
+_WRITERS: tuple[int, ThreadPoolExecutor] | None = None
+_WRITERS_LOCK = threading.Lock()
+
+
+def _writers() -> ThreadPoolExecutor | None:
+    """This process's part-writing threads (None: write in the caller's thread). They are
+    kept between calls so that each keeps its S3 client (``storage`` caches one per thread)."""
+    global _WRITERS
+    threads = min(max(2, local_cpus()), WRITE_THREADS)
+    if threads <= 1:
+        return None
+    with _WRITERS_LOCK:
+        if _WRITERS is None or _WRITERS[0] != os.getpid():  # a forked child gets its own
+            _WRITERS = (os.getpid(), ThreadPoolExecutor(threads, thread_name_prefix="nadray-write"))
+        return _WRITERS[1]
 
 
 def quarantine_uri(archive: str, quarantine: str | None = None) -> str:

@@ -95,6 +95,26 @@ def test_a_failed_part_cancels_the_parts_not_yet_started(tmp_path, monkeypatch):
     assert len(calls) <= 2 * min(archive.WRITE_THREADS, max(2, os.cpu_count() or 1)), len(calls)
 
 
+def test_part_writers_are_kept_between_writes(tmp_path, monkeypatch):
+    """Each writer thread keeps its own S3 client (storage caches one per thread, ~200 ms to
+    make), so the threads must outlive one write: two writes use no more threads than one pool."""
+    import threading
+
+    seen = []
+    real = archive._write_atomic
+
+    def record(uri: str, data: bytes) -> None:
+        seen.append(threading.current_thread())
+        real(uri, data)
+
+    monkeypatch.setattr(archive, "_write_atomic", record)
+    days = ["2020-01-01", "2020-01-02", "2020-01-03", "2020-01-04", "2020-01-05"]
+    archive.write_flows(str(tmp_path / "a"), _flows(days), key="k1")
+    archive.write_flows(str(tmp_path / "a"), _flows(days), key="k2")
+    assert len(seen) == 10 and threading.main_thread() not in seen
+    assert len(set(seen)) <= archive._writers()._max_workers
+
+
 def test_temporary_files_are_invisible(tmp_path):
     a = str(tmp_path / "a")
     archive.write_flows(a, _flows(["2020-01-01"]), key="k1")
