@@ -129,19 +129,17 @@ def write_flows(archive: str, table: pa.Table, key: str | None = None) -> list[s
     # S3 PUTs release the GIL, so parts are written side by side. The first error cancels
     # the parts not yet started (with S3 down, each would wait out its retries) and is
     # raised once the running ones stop; the .pending marker hides what was written.
-    pool = _writers() if len(parts) > 1 else None
-    if pool is None:
-        for part in parts:
-            put(part)
-        return [uri for uri, _, _ in parts]
-    futures = [pool.submit(put, part) for part in parts]
-    wait(futures, return_when=FIRST_EXCEPTION)
-    failed = next((f for f in futures if f.done() and not f.cancelled() and f.exception()), None)
-    if failed is not None:
-        for f in futures:
-            f.cancel()
-        wait(futures)
-        raise failed.exception()
+    if len(parts) == 1:
+        put(parts[0])
+    else:
+        futures = [_writers().submit(put, part) for part in parts]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        failed = next((f for f in futures if f.done() and not f.cancelled() and f.exception()), None)
+        if failed is not None:
+            for f in futures:
+                f.cancel()
+            wait(futures)
+            raise failed.exception()
     return [uri for uri, _, _ in parts]
 
 
@@ -149,15 +147,13 @@ _WRITERS: tuple[int, ThreadPoolExecutor] | None = None
 _WRITERS_LOCK = threading.Lock()
 
 
-def _writers() -> ThreadPoolExecutor | None:
-    """This process's part-writing threads (None: write in the caller's thread). They are
-    kept between calls so that each keeps its S3 client (``storage`` caches one per thread)."""
+def _writers() -> ThreadPoolExecutor:
+    """This process's part-writing threads, kept between calls so that each keeps its S3
+    client (``storage`` caches one per thread)."""
     global _WRITERS
-    threads = min(max(2, local_cpus()), WRITE_THREADS)
-    if threads <= 1:
-        return None
     with _WRITERS_LOCK:
         if _WRITERS is None or _WRITERS[0] != os.getpid():  # a forked child gets its own
+            threads = min(max(2, local_cpus()), WRITE_THREADS)
             _WRITERS = (os.getpid(), ThreadPoolExecutor(threads, thread_name_prefix="nadray-write"))
         return _WRITERS[1]
 

@@ -180,11 +180,12 @@ def _read_csv_fast(data: bytes, source: str) -> ReadResult | None:
     columns, sep = _csv_header(first, source)
     # Both release the GIL: with cores to spare the padding scan costs no time.
     with ThreadPoolExecutor(1, thread_name_prefix="nadray-padding") as pool:
-        padded = pool.submit(has_padding, data, start)
+        scan = pool.submit(has_padding, data, start)
         recs = fast_records(data, columns, sep, keep=USED, start=start)
-        if recs is None:
-            return None
-        return _convert(recs, source, nulls=("", "-", "(empty)"), padded=padded.result())
+        padded = scan.result()
+    if recs is None:
+        return None
+    return _convert(recs, source, nulls=("", "-", "(empty)"), padded=padded)
 
 
 def _read_csv(lines: list[bytes], source: str) -> ReadResult:
