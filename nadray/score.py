@@ -1,16 +1,20 @@
 """``nadray score``: batch scoring with Ray Data over a pool of Scorer actors.
 
 A record is scored with its entity's earlier records in the same input as
-context, so each Ray Data batch must hold whole entity histories. Flows link
-entities (an internal flow belongs to both its endpoints), so records are
-grouped by *connected component* of the entity graph, the components packed
-into one block per actor task, and each block scored with
-``Scorer.score_table``: exactly the scores the online endpoint would give on
-the same records replayed in time order.
+context, and features are per entity, so a unit of work must hold every record
+of the entities it scores, and nothing more. The driver splits the input's
+*entities* into blocks of about equal events (``entity_blocks``); a block holds
+every flow that touches one of its entities and scores only those entities'
+events (``Scorer.score_table(flows, entities)``). A flow between entities of
+two blocks (internal, or with neither side local) is in both, and its score is
+the higher of the two answers, as a flow's score is the highest of its
+entities' (DESIGN.md). That is the Serve shards' rule (``serving.routing``)
+and gives exactly the scores one ``score_table`` over the whole input would.
 
-Grouping happens in the driver (vectorised; scipy's connected components),
-whatever the input size: on 2 cores a Ray shuffle costs 8-19 s of fixed
-overhead (RAY.md) against about a second in-process.
+Blocks are entities, not connected components of the entity graph: on real
+captures one component holds 75-100% of the flows (every host talks to the
+gateway or a DNS server), so components left one block, one actor, and a
+driver holding every score at once.
 
 Inputs of at most ``DRIVER_SCORE_ROWS`` flows skip Ray altogether: one ``Scorer``
 scores the whole table in the driver and pyarrow writes one Parquet file (local
@@ -20,11 +24,11 @@ model load, ``from_arrow``, the write), about what one Scorer needs for
 itself. Larger inputs go through Ray Data, unless the pool would be one actor
 (a cluster of at most 2 CPUs, see ``_pool``): one actor does the driver's work
 in series plus that fixed cost (BENCHMARKS.md: the forced Ray Data row), so the driver
-then scores the same whole-entity blocks one after another, so that scoring's
-working memory is bounded by a block, as on the actors. A failed run removes the
-files it wrote. All paths give the same rows and
-scores (tests/test_score.py), and all count what they wrote without a second
-Ray job (Parquet footers and one boolean column, read with pyarrow).
+then scores the same blocks one after another, so that scoring's working memory
+is bounded by a block, as on the actors. Either way the driver writes each
+block's flows that are in no other block as they come, and the split flows,
+merged, last. A failed run removes the files it wrote. All paths give the same
+rows and scores (tests/test_score.py).
 """
 
 from __future__ import annotations
@@ -70,22 +74,57 @@ class ScoreReport:
 
 
 class _ScorerActor:
-    """Ray Data actor: loads the model once, scores whole-entity blocks."""
+    """Ray Data actor: loads the model once, scores entity blocks (``EntityBlocks``)."""
 
-    def __init__(self, model_ref: str):
+    def __init__(self, model_ref: str, owned: list[np.ndarray]):
         from nadray.scorer import Scorer
 
         self.scorer = Scorer.from_ref(model_ref)
+        self.owned = owned
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from nadray.scorer import _to_flow_table
 
-        return _to_arrow(self.scorer.score_table(_to_flow_table(batch)))
+        k = int(batch.column("_block")[0].as_py())
+        out = _to_arrow(self.scorer.score_table(_to_flow_table(batch), self.owned[k]))
+        return out.append_column("_flow", batch.column("_flow")).append_column("_split", batch.column("_split"))
 
 
 def _to_arrow(scores) -> pa.Table:
     """The score output DataFrame as the Arrow table both paths write."""
     return pa.Table.from_pandas(scores, preserve_index=False)
+
+
+class _Output:
+    """Writes the score files as blocks come: a block's flows that no other block holds at
+    once, the split flows (``_split``) when every block is in, merged (``merge_split``)."""
+
+    def __init__(self, fs, path: str, prefix: str, report: ScoreReport):
+        self.fs, self.path, self.prefix, self.report = fs, path.rstrip("/"), prefix, report
+        self.split: list[pa.Table] = []
+
+    def add(self, block: pa.Table) -> None:
+        """``block``: score output plus ``_flow`` (input row) and ``_split`` (bool)."""
+        split = block.column("_split").to_numpy(zero_copy_only=False)
+        if split.any():
+            self.split.append(block.filter(pa.array(split)).drop_columns(["_split"]))
+        self.write(block.filter(pa.array(~split)).drop_columns(["_flow", "_split"]))
+
+    def close(self) -> None:
+        if self.split:
+            self.write(merge_split(self.split))
+            self.split = []
+
+    def write(self, table: pa.Table) -> None:
+        import pyarrow.parquet as pq
+
+        if table.num_rows == 0:
+            return
+        f = f"{self.path}/{self.prefix}_{len(self.report.files):06d}.parquet"
+        pq.write_table(table, f, filesystem=self.fs)
+        self.report.files.append(f)
+        self.report.rows_scored += table.num_rows
+        self.report.anomalies += int(np.count_nonzero(table.column("is_anomaly").to_numpy(zero_copy_only=False)))
 
 
 def runs_in_driver(n_flows: int, driver_rows: int | None = None) -> bool:
@@ -157,43 +196,56 @@ def read_inputs(inputs: list[str], fmt: str) -> tuple[pa.Table, int, int]:
     return sort_flows(table), read, quarantined
 
 
-def entity_blocks(flows: pa.Table, encoder: Any, n_blocks: int) -> list[pa.Table]:
-    """Split ``flows`` into at most ``n_blocks`` tables, each holding whole connected entity groups."""
-    block_of, used = entity_block_of(flows, encoder, n_blocks)
-    return [flows.filter(pa.array(block_of == k)) for k in range(used)]
+@dataclass
+class EntityBlocks:
+    """The entities of an input split into blocks (``entity_blocks``)."""
+
+    rows: list[np.ndarray]  # input rows of each block's flows, ascending
+    owned: list[np.ndarray]  # entity names (object) each block scores; each entity in one block
+    split: np.ndarray  # bool per input flow: its entities are in two blocks
+
+    def take(self, flows: pa.Table, k: int) -> pa.Table:
+        return flows.take(pa.array(self.rows[k]))
 
 
-def entity_block_of(flows: pa.Table, encoder: Any, n_blocks: int) -> tuple[np.ndarray, int]:
-    """(block of each flow, number of blocks): at most ``n_blocks`` non-empty blocks numbered
-    from 0, each holding whole connected entity groups. A caller scoring them one after
-    another takes each block when it needs it, so only one copy is held beside ``flows``."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
+def entity_blocks(flows: pa.Table, encoder: Any, n_blocks: int) -> EntityBlocks:
+    """At most ``n_blocks`` blocks of entities of about equal events, each with every flow of its entities.
 
+    Largest entity first into the emptiest block: a block is never smaller than its
+    largest entity (an entity's events are scored in one sequence), and otherwise within
+    one entity of the others.
+    """
+    import heapq
+
+    n = flows.num_rows
     fi, entity = encoder.flow_entities(flows)
-    ent_codes = pd.factorize(entity)[0]
-    n_ent = int(ent_codes.max()) + 1 if len(ent_codes) else 0
-    # Edges: consecutive events of the same flow (a flow has one or two events).
-    order = np.argsort(fi, kind="stable")
-    f_sorted, e_sorted = fi[order], ent_codes[order]
-    same = f_sorted[1:] == f_sorted[:-1]
-    a, b = e_sorted[:-1][same], e_sorted[1:][same]
-    graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(n_ent, n_ent))
-    n_comp, comp = connected_components(graph, directed=False)
-    flow_comp = np.empty(flows.num_rows, dtype="int64")
-    flow_comp[f_sorted] = comp[e_sorted]
-    # Pack components into blocks, largest first into the emptiest block.
-    sizes = np.bincount(flow_comp, minlength=n_comp)
-    n_blocks = max(1, min(n_blocks, n_comp))
-    load = np.zeros(n_blocks, dtype="int64")
-    block_of = np.empty(n_comp, dtype="int64")
-    for c in np.argsort(-sizes, kind="stable"):
-        k = int(np.argmin(load))
-        block_of[c] = k
-        load[k] += sizes[c]
-    # Renumber the non-empty blocks 0.. in order.
-    renumber = np.cumsum(load > 0) - 1
-    return renumber[block_of[flow_comp]], int((load > 0).sum())
+    codes, names = pd.factorize(entity)
+    events = np.bincount(codes, minlength=len(names))
+    n_blocks = max(1, min(int(n_blocks), len(names)))
+    block_of = np.zeros(len(names), dtype="int64")
+    if n_blocks > 1:
+        heap = [(0, k) for k in range(n_blocks)]
+        for c in np.argsort(-events, kind="stable").tolist():
+            load, k = heapq.heappop(heap)
+            block_of[c] = k
+            heapq.heappush(heap, (load + int(events[c]), k))
+    # (block, flow) pairs, each once, sorted by block then flow.
+    pairs = np.unique(block_of[codes] * max(n, 1) + fi)
+    blk, row = pairs // max(n, 1), pairs % max(n, 1)
+    cut = np.searchsorted(blk, np.arange(n_blocks + 1))
+    names = np.asarray(names, dtype=object)
+    return EntityBlocks(rows=[row[cut[k]:cut[k + 1]] for k in range(n_blocks)],
+                        owned=[names[block_of == k] for k in range(n_blocks)],
+                        split=np.bincount(row, minlength=n) > 1)
+
+
+def merge_split(parts: list[pa.Table]) -> pa.Table:
+    """One row per flow from the blocks' rows of split flows (column ``_flow``): the highest
+    score, ties to the entity first in code point order (``Scorer.flow_scores``' rule)."""
+    t = pa.concat_tables(parts).sort_by([("_flow", "ascending"), ("score", "descending"), ("entity", "ascending")])
+    f = t.column("_flow").to_numpy()
+    first = np.r_[True, f[1:] != f[:-1]] if len(f) else np.zeros(0, bool)
+    return t.filter(pa.array(first)).drop_columns(["_flow"])
 
 
 def _pool(cpus: float) -> tuple[int, float]:
@@ -231,13 +283,13 @@ def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto",
     try:
         # An S3 outage mid-write is one line naming the output, not a botocore traceback.
         with storage.unreachable_as_error(output, "write the scores"):
+            out = _Output(fs, path, prefix, report)
             if runs_in_driver(n_in, driver_rows):
                 report.path = "driver"
-                _score_in_driver(scorer, flows, fs, path, prefix, report)
+                _score_in_driver(scorer, flows, out)
             else:
                 report.path = "ray-data"
-                _score_ray_data(model_ref, scorer, flows, fs, path, prefix)
-                report.files, report.rows_scored, report.anomalies = _count_written(fs, path, prefix)
+                _score_ray_data(model_ref, scorer, flows, out)
         del flows
         if report.rows_scored != n_in:
             raise NadrayError(f"score: wrote {report.rows_scored} rows for {n_in} input records")
@@ -261,46 +313,52 @@ def _remove_written(fs, path: str, prefix: str, shown: str) -> None:
                     "is back (%s: %s)", shown, type(e).__name__, storage.one_line(e))
 
 
-def _score_in_driver(scorer, flows: pa.Table, fs, path: str, prefix: str, report: ScoreReport) -> None:
-    """One Scorer in this process; above ``DRIVER_SCORE_ROWS`` flows, whole-entity blocks of about
-    that size one after another (bounded memory), one Parquet file each."""
-    import pyarrow.parquet as pq
-
+def _score_in_driver(scorer, flows: pa.Table, out: _Output) -> None:
+    """One Scorer in this process; above ``DRIVER_SCORE_ROWS`` flows, entity blocks of about
+    that size one after another (bounded memory)."""
     n_blocks = -(-flows.num_rows // DRIVER_SCORE_ROWS)
-    block_of, used = (None, 1) if n_blocks <= 1 else entity_block_of(flows, scorer.encoder, n_blocks)
+    if n_blocks <= 1:
+        out.write(_to_arrow(scorer.score_table(flows)))
+        return
+    blocks = entity_blocks(flows, scorer.encoder, n_blocks)
+    used = len(blocks.rows)
     for k in range(used):
         t0 = time.time()
-        block = flows if block_of is None else flows.filter(pa.array(block_of == k))
-        table = _to_arrow(scorer.score_table(block))
-        del block
-        if used > 1:  # progress on a long input, a block (about DRIVER_SCORE_ROWS flows) at a time
-            log.info("score: entity block %d/%d, %d flows, %.1f s", k + 1, used, table.num_rows, time.time() - t0)
-        f = f"{path.rstrip('/')}/{prefix}_{k:06d}.parquet"
-        pq.write_table(table, f, filesystem=fs)
-        report.files.append(f)
-        report.rows_scored += table.num_rows
-        report.anomalies += int(np.count_nonzero(table.column("is_anomaly").to_numpy(zero_copy_only=False)))
+        table = _to_arrow(scorer.score_table(blocks.take(flows, k), blocks.owned[k]))
+        rows = blocks.rows[k]
+        out.add(table.append_column("_flow", pa.array(rows)).append_column("_split", pa.array(blocks.split[rows])))
+        # progress on a long input, a block (about DRIVER_SCORE_ROWS flows) at a time
+        log.info("score: entity block %d/%d, %d flows, %.1f s", k + 1, used, table.num_rows, time.time() - t0)
+    out.close()
 
 
-def _score_ray_data(model_ref: str, scorer, flows: pa.Table, fs, path: str, prefix: str) -> None:
-    """Whole-entity blocks -> a fixed pool of Scorer actors -> Parquet files named ``prefix_*``."""
+def _score_ray_data(model_ref: str, scorer, flows: pa.Table, out: _Output) -> None:
+    """Entity blocks -> a fixed pool of Scorer actors -> this process writes what they return."""
     import ray
     from ray.data import ActorPoolStrategy
-    from ray.data.datasource import FilenameProvider
 
     from nadray.runtime import cluster_cpus, ensure_ray
 
     ensure_ray()
     actors, cpus_per_actor = _pool(cluster_cpus())
     blocks = entity_blocks(flows, scorer.encoder, n_blocks=4 * actors)
-    log.info("score: %d flows in %d entity blocks to %d Ray Data scoring actor(s)", flows.num_rows, len(blocks), actors)
-    ds = ray.data.from_arrow(blocks)
+    used = len(blocks.rows)
+    log.info("score: %d flows in %d entity blocks (%d flows in two) to %d Ray Data scoring actor(s)",
+             flows.num_rows, used, int(blocks.split.sum()), actors)
+    tables = []
+    for k in range(used):
+        rows = blocks.rows[k]
+        tables.append(blocks.take(flows, k).append_column("_block", pa.array(np.full(len(rows), k, "int32")))
+                      .append_column("_flow", pa.array(rows)).append_column("_split", pa.array(blocks.split[rows])))
+    ds = ray.data.from_arrow(tables)
+    del tables
     scored = ds.map_batches(
-        _ScorerActor, fn_constructor_args=(model_ref,), batch_size=None, batch_format="pyarrow",
+        _ScorerActor, fn_constructor_args=(model_ref, blocks.owned), batch_size=None, batch_format="pyarrow",
         compute=ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
     )
-    scored.write_parquet(path, filesystem=fs, filename_provider=FilenameProvider(dataset_uuid=prefix,
-                                                                                 file_format="parquet"))
+    for table in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+        out.add(table)
+    out.close()
 
 
 def _written_files(fs, path: str, prefix: str) -> list[str]:
@@ -308,16 +366,3 @@ def _written_files(fs, path: str, prefix: str) -> list[str]:
 
     infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=False, allow_not_found=True))
     return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith(prefix))
-
-
-def _count_written(fs, path: str, prefix: str) -> tuple[list[str], int, int]:
-    """(files, rows, anomalies) of the Parquet files named ``prefix*`` under ``path``: pyarrow, no Ray job."""
-    import pyarrow.parquet as pq
-
-    files = _written_files(fs, path, prefix)
-    rows = anomalies = 0
-    for f in files:
-        col = pq.read_table(f, columns=["is_anomaly"], filesystem=fs).column("is_anomaly")
-        rows += len(col)
-        anomalies += int(np.count_nonzero(col.to_numpy(zero_copy_only=False)))
-    return files, rows, anomalies

@@ -228,9 +228,17 @@ class Scorer:
         return self.normalize(self.combine(*self.event_outputs(events, idx)), events.entity[idx])
 
     @staticmethod
-    def flow_scores(events: Events, scores: np.ndarray, n_flows: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per flow: the highest score among its entities' events, and that entity."""
+    def flow_scores(events: Events, scores: np.ndarray, n_flows: int,
+                    scored: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per flow: the highest score among its entities' events, and that entity.
+
+        ``scored``: a mask over events; only those count (a flow with none gets NaN).
+        Ties go to the entity first in code point order, whatever the events' block.
+        """
         fi, rows = events.flow_event_pairs()
+        if scored is not None:
+            keep = scored[rows]
+            fi, rows = fi[keep], rows[keep]
         s, ent = scores[rows], events.entity[rows]
         order = np.lexsort((-s, fi))
         fi, s, ent = fi[order], s[order], ent[order]
@@ -261,12 +269,24 @@ class Scorer:
         })
 
     # ------------------------------------------------------------------ batch
-    def score_table(self, flows: pa.Table) -> pd.DataFrame:
-        """One row per input flow (input order), each scored with its entity's earlier records in ``flows``."""
+    def score_table(self, flows: pa.Table, entities: np.ndarray | None = None) -> pd.DataFrame:
+        """One row per input flow (input order), each scored with its entity's earlier records in ``flows``.
+
+        ``entities``: score only these entities' events, and each flow by the highest of
+        them; every flow needs one. Features are per entity, so a block of batch scoring
+        that holds every flow of its entities gives them the scores the whole input would
+        (``score.entity_blocks``); the other endpoints' events cost encoding, not the LSTM.
+        """
         if flows.num_rows == 0:
             return self._output(flows, np.zeros(0), np.empty(0, object))
         events = self.encoder.transform(flows)
-        s, e = self.flow_scores(events, self.event_scores(events), flows.num_rows)
+        if entities is None:
+            s, e = self.flow_scores(events, self.event_scores(events), flows.num_rows)
+        else:
+            mine = pd.Index(np.asarray(entities, dtype=object)).get_indexer(events.entity) >= 0
+            scores = np.zeros(len(events))
+            scores[mine] = self.event_scores(events, np.flatnonzero(mine))
+            s, e = self.flow_scores(events, scores, flows.num_rows, mine)
         return self._output(flows, s, e)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -55,9 +55,8 @@ def test_score_raw_files(ray_session, model_ref, shared_data, tmp_path, monkeypa
         report = score(model_ref, paths, out, driver_rows=driver_rows)
     assert report.path == path and report.files
     assert f"{report.read} records read, 0 quarantined" in caplog.text
-    if blocks:  # 367 flows in blocks of ~100: one file each, and progress per block
-        assert len(report.files) > 1
-        assert f"entity block {len(report.files)}/{len(report.files)}" in caplog.text
+    if blocks:  # 367 flows in 4 blocks of entities: progress per block, a file each (+1: flows in two)
+        assert "entity block 4/4" in caplog.text and len(report.files) in (4, 5)
     flows = pa.concat_tables([read_input(p).flows for p in paths])
     assert report.rows_scored == flows.num_rows == report.read and report.quarantined == 0
     assert "scored" in report.summary()
@@ -71,14 +70,43 @@ def test_score_raw_files(ray_session, model_ref, shared_data, tmp_path, monkeypa
     ref = Scorer.from_ref(model_ref).score_table(flows)
     merged = got.merge(ref, on=["source", "source_row"], suffixes=("", "_ref"))
     np.testing.assert_allclose(merged.score, merged.score_ref, rtol=1e-5, atol=1e-6)
-    # Blocks hold whole connected entity groups.
+    # Each entity is scored in one block, which holds every flow of it.
     enc = Scorer.from_ref(model_ref).encoder
-    blocks = entity_blocks(flows, enc, 4)
-    assert sum(b.num_rows for b in blocks) == flows.num_rows
-    seen: dict[str, int] = {}
-    for k, b in enumerate(blocks):
-        for e in pd.unique(enc.explode(b)["entity"]):
-            assert seen.setdefault(e, k) == k
+    b = entity_blocks(flows, enc, 4)
+    fi, ent = enc.flow_entities(flows)
+    owner = {e: k for k, names in enumerate(b.owned) for e in names}
+    assert len(owner) == sum(len(o) for o in b.owned) == len(set(ent))
+    for k, rows in enumerate(b.rows):
+        assert set(rows.tolist()) == set(fi[[owner[e] == k for e in ent]].tolist())
+    blocks_of_flow = np.bincount(np.concatenate(b.rows), minlength=flows.num_rows)
+    assert (blocks_of_flow >= 1).all() and ((blocks_of_flow == 2) == b.split).all()
+
+
+def test_one_connected_capture_still_splits_into_blocks_with_the_same_scores(model_ref, shared_data, tmp_path,
+                                                                                monkeypatch, caplog):
+    """A real capture is one connected group (its host and the gateway share flows): blocks
+    are entities, so it still spreads over blocks; flows in two blocks take the higher score."""
+    from nadray import score as score_mod
+    from nadray.ingest import read_input
+    from nadray.score import entity_blocks, score
+
+    path = str(shared_data / "iot23_small_scenarios" / "CTU-Malware-Capture-20-1-labeled.csv")
+    flows = read_input(path).flows
+    scorer = Scorer.from_ref(model_ref)
+    b = entity_blocks(flows, scorer.encoder, 2)
+    assert len(b.rows) == 2 and 0 < b.split.sum() < flows.num_rows  # 3 entities, internal flows in both
+    monkeypatch.setattr(score_mod, "DRIVER_SCORE_ROWS", flows.num_rows // 2 + 1)
+    with caplog.at_level("INFO", logger="nadray.score"):
+        report = score(model_ref, [path], str(tmp_path / "s"))
+    assert "entity block 2/2" in caplog.text
+    got = pq.read_table(str(tmp_path / "s")).to_pandas()
+    # A file per block with flows of its own, then one of the merged split flows.
+    assert report.rows_scored == len(got) == flows.num_rows and 2 <= len(report.files) <= 3
+    ref = scorer.score_table(flows)
+    merged = got.merge(ref, on=["source", "source_row"], suffixes=("", "_ref"))
+    assert len(merged) == flows.num_rows
+    np.testing.assert_allclose(merged.score, merged.score_ref, rtol=1e-5, atol=1e-6)
+    assert (merged.entity == merged.entity_ref).mean() > 0.99  # only near-ties may pick the other side
 
 
 def test_a_run_failing_midway_leaves_no_partial_output(ray_session, model_ref, shared_data, tmp_path, monkeypatch):
@@ -91,11 +119,11 @@ def test_a_run_failing_midway_leaves_no_partial_output(ray_session, model_ref, s
     calls = []
     real = Scorer.score_table
 
-    def second_block_fails(self, flows):
+    def second_block_fails(self, flows, *args):
         calls.append(flows.num_rows)
         if len(calls) == 2:
             raise MemoryError("block 2")
-        return real(self, flows)
+        return real(self, flows, *args)
 
     monkeypatch.setattr(Scorer, "score_table", second_block_fails)
     with pytest.raises(MemoryError, match="block 2"):
