@@ -1,20 +1,11 @@
 """``nadray score``: batch scoring with Ray Data over a pool of Scorer actors.
 
 A record is scored with its entity's earlier records in the same input as
-context, and features are per entity, so a unit of work must hold every record
-of the entities it scores, and nothing more. The driver splits the input's
-*entities* into blocks of about equal events (``entity_blocks``); a block holds
-every flow that touches one of its entities and scores only those entities'
-events (``Scorer.score_table(flows, entities)``). A flow between entities of
-two blocks (internal, or with neither side local) is in both, and its score is
-the higher of the two answers, as a flow's score is the highest of its
-entities' (DESIGN.md). That is the Serve shards' rule (``serving.routing``)
-and gives exactly the scores one ``score_table`` over the whole input would.
-
-Blocks are entities, not connected components of the entity graph: on real
-captures one component holds 75-100% of the flows (every host talks to the
-gateway or a DNS server), so components left one block, one actor, and a
-driver holding every score at once.
+context. The driver splits the input's entities into blocks (``nadray.blocks``:
+each block holds every flow of its entities and scores only theirs; a flow
+between two blocks takes the higher score), so every path gives exactly the
+scores one ``Scorer.score_table`` over the whole input would, and the scores the
+online endpoint gives the same records replayed in time order.
 
 Inputs of at most ``DRIVER_SCORE_ROWS`` flows skip Ray altogether: one ``Scorer``
 scores the whole table in the driver and pyarrow writes one Parquet file (local
@@ -24,11 +15,13 @@ model load, ``from_arrow``, the write), about what one Scorer needs for
 itself. Larger inputs go through Ray Data, unless the pool would be one actor
 (a cluster of at most 2 CPUs, see ``_pool``): one actor does the driver's work
 in series plus that fixed cost (BENCHMARKS.md: the forced Ray Data row), so the driver
-then scores the same blocks one after another, so that scoring's working memory
-is bounded by a block, as on the actors. Either way the driver writes each
-block's flows that are in no other block as they come, and the split flows,
-merged, last. A failed run removes the files it wrote. All paths give the same
-rows and scores (tests/test_score.py).
+then scores the same blocks one after another. Blocks hold about
+``DRIVER_SCORE_ROWS`` flows, so scoring's working memory is bounded by a block on
+either path; inputs over ``blocks.SPILL_ROWS`` flows are not even held, but read
+into local spill files and regrouped by block. The driver writes each block's
+flows that are in no other block as they come, and the split flows, merged, last.
+A failed run removes the files it wrote. All paths give the same rows and scores
+(tests/test_score.py).
 """
 
 from __future__ import annotations
@@ -37,14 +30,14 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from nadray import storage
+from nadray.blocks import KEYS, EntityBlocks, SpilledBlocks, entity_blocks, merge_split, with_keys
 from nadray.errors import InputError, NadrayError
 
 log = logging.getLogger("nadray.score")
@@ -74,7 +67,7 @@ class ScoreReport:
 
 
 class _ScorerActor:
-    """Ray Data actor: loads the model once, scores entity blocks (``EntityBlocks``)."""
+    """Ray Data actor: loads the model once, scores entity blocks (``nadray.blocks``)."""
 
     def __init__(self, model_ref: str, owned: list[np.ndarray]):
         from nadray.scorer import Scorer
@@ -83,11 +76,12 @@ class _ScorerActor:
         self.owned = owned
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from nadray.blocks import with_keys
         from nadray.scorer import _to_flow_table
 
         k = int(batch.column("_block")[0].as_py())
         out = _to_arrow(self.scorer.score_table(_to_flow_table(batch), self.owned[k]))
-        return out.append_column("_flow", batch.column("_flow")).append_column("_split", batch.column("_split"))
+        return with_keys(out, batch.column("_flow"), batch.column("_split"))
 
 
 def _to_arrow(scores) -> pa.Table:
@@ -104,11 +98,11 @@ class _Output:
         self.split: list[pa.Table] = []
 
     def add(self, block: pa.Table) -> None:
-        """``block``: score output plus ``_flow`` (input row) and ``_split`` (bool)."""
+        """``block``: score output plus ``blocks.KEYS`` (input row, split flag)."""
         split = block.column("_split").to_numpy(zero_copy_only=False)
         if split.any():
             self.split.append(block.filter(pa.array(split)).drop_columns(["_split"]))
-        self.write(block.filter(pa.array(~split)).drop_columns(["_flow", "_split"]))
+        self.write(block.filter(pa.array(~split)).drop_columns(KEYS))
 
     def close(self) -> None:
         if self.split:
@@ -171,81 +165,40 @@ def _expand(inputs: list[str]) -> list[str]:
     return out
 
 
-def read_inputs(inputs: list[str], fmt: str) -> tuple[pa.Table, int, int]:
-    """(flows in time order, records read, records quarantined)."""
-    from nadray.data import sort_flows
+def read_pieces(inputs: list[str], fmt: str) -> Iterator[tuple[pa.Table, int, int]]:
+    """(flows as FLOW_SCHEMA, records read, records quarantined) per input file or archive partition."""
     from nadray.schema import FLOW_SCHEMA
 
-    tables, read, quarantined = [], 0, 0
     if fmt == "archive":
-        from nadray.archive import read_flows
+        from nadray.archive import dataset_paths, read_flows
 
         for a in inputs:
-            t = read_flows(a)
-            tables.append(t)
-            read += t.num_rows
+            with storage.unreachable_as_error(a, "list"):
+                parts = dataset_paths(a)
+            for p in parts:
+                t = read_flows(a, paths=[p])
+                yield t, t.num_rows, 0
     else:
         from nadray.ingest import read_input
 
         for path in _expand(inputs):
             r = read_input(path, fmt)
-            tables.append(r.flows)
-            read += int(r.read)
-            quarantined += r.quarantined  # records, not whole-file notes (as ingest counts)
-    table = pa.concat_tables([t.cast(FLOW_SCHEMA) for t in tables]) if tables else FLOW_SCHEMA.empty_table()
+            # records, not whole-file notes (as ingest counts)
+            yield r.flows.cast(FLOW_SCHEMA), int(r.read), int(r.quarantined)
+
+
+def read_inputs(inputs: list[str], fmt: str) -> tuple[pa.Table, int, int]:
+    """(flows in time order, records read, records quarantined), held in memory."""
+    from nadray.data import sort_flows
+    from nadray.schema import FLOW_SCHEMA
+
+    tables, read, quarantined = [], 0, 0
+    for t, r, q in read_pieces(inputs, fmt):
+        tables.append(t)
+        read += r
+        quarantined += q
+    table = pa.concat_tables(tables) if tables else FLOW_SCHEMA.empty_table()
     return sort_flows(table), read, quarantined
-
-
-@dataclass
-class EntityBlocks:
-    """The entities of an input split into blocks (``entity_blocks``)."""
-
-    rows: list[np.ndarray]  # input rows of each block's flows, ascending
-    owned: list[np.ndarray]  # entity names (object) each block scores; each entity in one block
-    split: np.ndarray  # bool per input flow: its entities are in two blocks
-
-    def take(self, flows: pa.Table, k: int) -> pa.Table:
-        return flows.take(pa.array(self.rows[k]))
-
-
-def entity_blocks(flows: pa.Table, encoder: Any, n_blocks: int) -> EntityBlocks:
-    """At most ``n_blocks`` blocks of entities of about equal events, each with every flow of its entities.
-
-    Largest entity first into the emptiest block: a block is never smaller than its
-    largest entity (an entity's events are scored in one sequence), and otherwise within
-    one entity of the others.
-    """
-    import heapq
-
-    n = flows.num_rows
-    fi, entity = encoder.flow_entities(flows)
-    codes, names = pd.factorize(entity)
-    events = np.bincount(codes, minlength=len(names))
-    n_blocks = max(1, min(int(n_blocks), len(names)))
-    block_of = np.zeros(len(names), dtype="int64")
-    if n_blocks > 1:
-        heap = [(0, k) for k in range(n_blocks)]
-        for c in np.argsort(-events, kind="stable").tolist():
-            load, k = heapq.heappop(heap)
-            block_of[c] = k
-            heapq.heappush(heap, (load + int(events[c]), k))
-    # (block, flow) pairs, each once, sorted by block then flow.
-    pairs = np.unique(block_of[codes] * max(n, 1) + fi)
-    blk, row = pairs // max(n, 1), pairs % max(n, 1)
-    cut = np.searchsorted(blk, np.arange(n_blocks + 1))
-    names = np.asarray(names, dtype=object)
-    return EntityBlocks(rows=[row[cut[k]:cut[k + 1]] for k in range(n_blocks)],
-                        owned=[names[block_of == k] for k in range(n_blocks)],
-                        split=np.bincount(row, minlength=n) > 1)
-
-
-def merge_split(parts: list[pa.Table]) -> pa.Table:
-    """One row per flow from the blocks' rows of split flows (column ``_flow``): the highest
-    score, ties to the entity first in code point order (``Scorer.flow_scores``' rule)."""
-    t = pa.concat_tables(parts).sort_by([("_flow", "ascending"), ("score", "descending"), ("entity", "ascending")])
-    f = t.column("_flow").to_numpy()
-    first = np.r_[True, f[1:] != f[:-1]] if len(f) else np.zeros(0, bool)
-    return t.filter(pa.array(first)).drop_columns(["_flow"])
 
 
 def _pool(cpus: float) -> tuple[int, float]:
@@ -262,43 +215,73 @@ def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto",
     Inputs of at most ``driver_rows`` flows (default ``DRIVER_SCORE_ROWS``) are scored in the
     driver without Ray; larger ones with a Ray Data pool of Scorer actors. Same output either way.
     """
+    from nadray.blocks import SPILL_ROWS, Spill
     from nadray.scorer import Scorer
 
     t0 = time.time()
     if not inputs:
         raise NadrayError("score: no inputs given")
     scorer = Scorer.from_ref(model_ref)  # fails fast, naming the ref, before any work
-    flows, read, quarantined = read_inputs(inputs, fmt)
-    report = ScoreReport(output=output, model_version=scorer.version, read=read, quarantined=quarantined,
-                         inputs=list(inputs))
-    if flows.num_rows == 0:
-        raise NadrayError(f"score: inputs {inputs} hold no readable records ({quarantined} quarantined)")
-    log.info("score: %d records read, %d quarantined, in %.1f s; scoring with model %s", read, quarantined,
-             time.time() - t0, scorer.version)
-    fs, path = storage.arrow_fs(output)
-    if not storage.is_s3(output):
-        storage.makedirs(output)
-    prefix = f"scores-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
-    n_in = flows.num_rows
-    try:
-        # An S3 outage mid-write is one line naming the output, not a botocore traceback.
-        with storage.unreachable_as_error(output, "write the scores"):
-            out = _Output(fs, path, prefix, report)
-            if runs_in_driver(n_in, driver_rows):
-                report.path = "driver"
-                _score_in_driver(scorer, flows, out)
-            else:
-                report.path = "ray-data"
-                _score_ray_data(model_ref, scorer, flows, out)
-        del flows
-        if report.rows_scored != n_in:
-            raise NadrayError(f"score: wrote {report.rows_scored} rows for {n_in} input records")
-    except BaseException:
-        # A failed run leaves no partial output to be mistaken for a whole one.
-        _remove_written(fs, path, prefix, storage.join(output, prefix))
-        raise
+    with Spill(scorer.encoder) as spill:
+        held: list[pa.Table] = []
+        read = quarantined = n_in = 0
+        for t, r, q in read_pieces(inputs, fmt):
+            read, quarantined, n_in = read + r, quarantined + q, n_in + t.num_rows
+            held.append(t)
+            if n_in > SPILL_ROWS:  # too large to hold: to local disk, a piece at a time
+                for h in held:
+                    spill.add(h)
+                held = []
+        report = ScoreReport(output=output, model_version=scorer.version, read=read, quarantined=quarantined,
+                             inputs=list(inputs))
+        if n_in == 0:
+            raise NadrayError(f"score: inputs {inputs} hold no readable records ({quarantined} quarantined)")
+        log.info("score: %d records read, %d quarantined, in %.1f s%s; scoring with model %s", read, quarantined,
+                 time.time() - t0, f" (spilled to {spill.dir})" if spill.rows else "", scorer.version)
+        flows = None if spill.rows else _sorted(held)
+        del held
+        fs, path = storage.arrow_fs(output)
+        if not storage.is_s3(output):
+            storage.makedirs(output)
+        prefix = f"scores-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+        try:
+            # An S3 outage mid-write is one line naming the output, not a botocore traceback.
+            with storage.unreachable_as_error(output, "write the scores"):
+                out = _Output(fs, path, prefix, report)
+                in_driver = runs_in_driver(n_in, driver_rows)
+                report.path = "driver" if in_driver else "ray-data"
+                if in_driver and flows is not None and n_in <= DRIVER_SCORE_ROWS:
+                    out.write(_to_arrow(scorer.score_table(flows)))
+                else:
+                    actors = 1 if in_driver else _pool(_cluster_cpus())[0]
+                    n_blocks = max(-(-n_in // DRIVER_SCORE_ROWS), 1 if in_driver else 4 * actors)
+                    blocks = spill.blocks(n_blocks) if flows is None else entity_blocks(flows, scorer.encoder, n_blocks)
+                    del flows
+                    if in_driver:
+                        _score_in_driver(scorer, blocks, out)
+                    else:
+                        _score_ray_data(model_ref, blocks, actors, out)
+            if report.rows_scored != n_in:
+                raise NadrayError(f"score: wrote {report.rows_scored} rows for {n_in} input records")
+        except BaseException:
+            # A failed run leaves no partial output to be mistaken for a whole one.
+            _remove_written(fs, path, prefix, storage.join(output, prefix))
+            raise
     report.seconds = time.time() - t0
     return report
+
+
+def _sorted(tables: list[pa.Table]) -> pa.Table:
+    from nadray.data import sort_flows
+
+    return sort_flows(pa.concat_tables(tables))
+
+
+def _cluster_cpus() -> float:
+    from nadray.runtime import cluster_cpus, ensure_ray
+
+    ensure_ray()
+    return cluster_cpus()
 
 
 def _remove_written(fs, path: str, prefix: str, shown: str) -> None:
@@ -313,49 +296,35 @@ def _remove_written(fs, path: str, prefix: str, shown: str) -> None:
                     "is back (%s: %s)", shown, type(e).__name__, storage.one_line(e))
 
 
-def _score_in_driver(scorer, flows: pa.Table, out: _Output) -> None:
-    """One Scorer in this process; above ``DRIVER_SCORE_ROWS`` flows, entity blocks of about
-    that size one after another (bounded memory)."""
-    n_blocks = -(-flows.num_rows // DRIVER_SCORE_ROWS)
-    if n_blocks <= 1:
-        out.write(_to_arrow(scorer.score_table(flows)))
-        return
-    blocks = entity_blocks(flows, scorer.encoder, n_blocks)
-    used = len(blocks.rows)
-    for k in range(used):
-        t0 = time.time()
-        table = _to_arrow(scorer.score_table(blocks.take(flows, k), blocks.owned[k]))
-        rows = blocks.rows[k]
-        out.add(table.append_column("_flow", pa.array(rows)).append_column("_split", pa.array(blocks.split[rows])))
+def _score_in_driver(scorer, blocks: EntityBlocks | SpilledBlocks, out: _Output) -> None:
+    """One Scorer in this process, one entity block after another (bounded memory)."""
+    t0 = time.time()
+    for k, table in enumerate(blocks.tables()):
+        scored = _to_arrow(scorer.score_table(table.drop_columns(KEYS), blocks.owned[k]))
+        out.add(with_keys(scored, table.column("_flow"), table.column("_split")))
         # progress on a long input, a block (about DRIVER_SCORE_ROWS flows) at a time
-        log.info("score: entity block %d/%d, %d flows, %.1f s", k + 1, used, table.num_rows, time.time() - t0)
+        log.info("score: entity block %d/%d, %d flows, %.1f s", k + 1, len(blocks), table.num_rows, time.time() - t0)
+        t0 = time.time()
     out.close()
 
 
-def _score_ray_data(model_ref: str, scorer, flows: pa.Table, out: _Output) -> None:
+def _score_ray_data(model_ref: str, blocks: EntityBlocks | SpilledBlocks, actors: int, out: _Output) -> None:
     """Entity blocks -> a fixed pool of Scorer actors -> this process writes what they return."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    from nadray.runtime import cluster_cpus, ensure_ray
+    from nadray.runtime import cluster_cpus
 
-    ensure_ray()
-    actors, cpus_per_actor = _pool(cluster_cpus())
-    blocks = entity_blocks(flows, scorer.encoder, n_blocks=4 * actors)
-    used = len(blocks.rows)
-    log.info("score: %d flows in %d entity blocks (%d flows in two) to %d Ray Data scoring actor(s)",
-             flows.num_rows, used, int(blocks.split.sum()), actors)
-    tables = []
-    for k in range(used):
-        rows = blocks.rows[k]
-        tables.append(blocks.take(flows, k).append_column("_block", pa.array(np.full(len(rows), k, "int32")))
-                      .append_column("_flow", pa.array(rows)).append_column("_split", pa.array(blocks.split[rows])))
-    ds = ray.data.from_arrow(tables)
-    del tables
-    scored = ds.map_batches(
+    _, cpus_per_actor = _pool(cluster_cpus())
+    log.info("score: %d entity blocks to %d Ray Data scoring actor(s)", len(blocks), actors)
+    # Into the object store one block at a time (Ray spills it to disk when full), not all in this process.
+    refs = [ray.put(t.append_column("_block", pa.array(np.full(t.num_rows, k, "int32"))))
+            for k, t in enumerate(blocks.tables())]
+    scored = ray.data.from_arrow_refs(refs).map_batches(
         _ScorerActor, fn_constructor_args=(model_ref, blocks.owned), batch_size=None, batch_format="pyarrow",
         compute=ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
     )
+    del refs
     for table in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
         out.add(table)
     out.close()

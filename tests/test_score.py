@@ -43,7 +43,8 @@ def test_score_raw_files(ray_session, model_ref, shared_data, tmp_path, monkeypa
     entity blocks where the pool would be one actor) gives the same rows and scores."""
     from nadray import score as score_mod
     from nadray.ingest import read_input
-    from nadray.score import entity_blocks, score
+    from nadray.blocks import entity_blocks
+    from nadray.score import score
 
     paths = [str(shared_data / "iot23_small_scenarios" / f"{c}-labeled.csv") for c in CAPTURES]
     out = str(tmp_path / "scores")
@@ -88,7 +89,8 @@ def test_one_connected_capture_still_splits_into_blocks_with_the_same_scores(mod
     are entities, so it still spreads over blocks; flows in two blocks take the higher score."""
     from nadray import score as score_mod
     from nadray.ingest import read_input
-    from nadray.score import entity_blocks, score
+    from nadray.blocks import entity_blocks
+    from nadray.score import score
 
     path = str(shared_data / "iot23_small_scenarios" / "CTU-Malware-Capture-20-1-labeled.csv")
     flows = read_input(path).flows
@@ -109,7 +111,65 @@ def test_one_connected_capture_still_splits_into_blocks_with_the_same_scores(mod
     assert (merged.entity == merged.entity_ref).mean() > 0.99  # only near-ties may pick the other side
 
 
+@pytest.mark.parametrize("driver_rows,path", [(None, "driver"), (0, "ray-data")])
+def test_an_input_too_large_to_hold_is_spilled_with_the_same_scores(ray_session, model_ref, shared_data, tmp_path,
+                                                                   monkeypatch, caplog, driver_rows, path):
+    """Over blocks.SPILL_ROWS the input is read a file at a time into local spill files and
+    regrouped by entity block: same rows and scores, and the spill folder is gone after."""
+    import os
+    import tempfile
+
+    from nadray import blocks as blocks_mod
+    from nadray import score as score_mod
+    from nadray.ingest import read_input
+    from nadray.score import score
+
+    paths = [str(shared_data / "iot23_small_scenarios" / f"{c}-labeled.csv") for c in CAPTURES]
+    monkeypatch.setattr(blocks_mod, "SPILL_ROWS", 150)  # 130 + 237 flows: the second file spills both
+    monkeypatch.setattr(score_mod, "DRIVER_SCORE_ROWS", 100)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    with caplog.at_level("INFO", logger="nadray.score"):
+        report = score(model_ref, paths, str(tmp_path / "s"), driver_rows=driver_rows)
+    spilled = [r.getMessage() for r in caplog.records if "spilled to" in r.getMessage()]
+    assert len(spilled) == 1 and str(tmp_path / "tmp") in spilled[0] and report.path == path
+    assert not os.listdir(tmp_path / "tmp")
+    flows = pa.concat_tables([read_input(p).flows for p in paths])
+    got = pq.read_table(str(tmp_path / "s")).to_pandas()
+    assert report.rows_scored == len(got) == flows.num_rows == report.read
+    ref = Scorer.from_ref(model_ref).score_table(flows)
+    merged = got.merge(ref, on=["source", "source_row"], suffixes=("", "_ref"))
+    assert len(merged) == flows.num_rows
+    np.testing.assert_allclose(merged.score, merged.score_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spill_rows", [10**9, 150])
+def test_scoring_an_archive_gives_the_raw_files_scores(model_ref, shared_data, tmp_path, monkeypatch, caplog,
+                                                       spill_rows):
+    """``--format archive``: the archive's partitions are the pieces (held, or spilled one
+    partition at a time); the same records get the same scores as from the raw files."""
+    from nadray import blocks as blocks_mod
+    from nadray.ingest import ingest
+    from nadray.score import score
+
+    paths = [str(shared_data / "iot23_small_scenarios" / f"{c}-labeled.csv") for c in CAPTURES]
+    ingest(paths, str(tmp_path / "archive"))
+    raw = score(model_ref, paths, str(tmp_path / "raw"))
+    monkeypatch.setattr(blocks_mod, "SPILL_ROWS", spill_rows)
+    with caplog.at_level("INFO", logger="nadray.score"):
+        arch = score(model_ref, [str(tmp_path / "archive")], str(tmp_path / "arch"), "archive")
+    assert ("spilled to" in caplog.text) == (spill_rows < 367)
+    assert arch.read == arch.rows_scored == raw.rows_scored == 367
+    a, r = (pq.read_table(str(tmp_path / d)).to_pandas() for d in ("arch", "raw"))
+    merged = a.merge(r, on=["source", "source_row"], suffixes=("", "_raw"))
+    assert len(merged) == 367
+    np.testing.assert_allclose(merged.score, merged.score_raw, rtol=1e-5, atol=1e-6)
+
+
 def test_a_run_failing_midway_leaves_no_partial_output(ray_session, model_ref, shared_data, tmp_path, monkeypatch):
+    import tempfile
+
+    from nadray import blocks as blocks_mod
     from nadray import score as score_mod
     from nadray.score import score
 
@@ -129,6 +189,14 @@ def test_a_run_failing_midway_leaves_no_partial_output(ray_session, model_ref, s
     with pytest.raises(MemoryError, match="block 2"):
         score(model_ref, paths, str(out))
     assert len(calls) == 2 and out.is_dir() and not list(out.iterdir())  # block 1's file was removed
+    # The same from spill files: they go too.
+    monkeypatch.setattr(blocks_mod, "SPILL_ROWS", 150)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    calls.clear()
+    with pytest.raises(MemoryError, match="block 2"):
+        score(model_ref, paths, str(out))
+    assert len(calls) == 2 and not list(out.iterdir()) and not list((tmp_path / "tmp").iterdir())
 
 
 def test_large_inputs_stay_in_the_driver_only_where_the_pool_would_be_one_actor(monkeypatch):
