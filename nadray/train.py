@@ -372,7 +372,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         stop = bad_epochs >= tc.patience
         metrics.update(best_val_loss=best_val, stop=stop)
         if rank == 0:
-            log.info("%s", epoch_line(metrics, tc.max_epochs, tc.patience))
+            line = epoch_line(metrics, tc.max_epochs, tc.patience)
+            log.info("%s", f"{config['label']}: {line}" if config.get("label") else line)
 
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
@@ -417,14 +418,15 @@ def _loop_config(data: TrainingData | dict[str, Any], cfg: Config) -> dict[str, 
 
 
 def build_trainer(data: TrainingData | dict[str, Any], cfg: Config, run_config_overrides: dict[str, Any] | None = None,
-                  init_weights: dict[str, np.ndarray] | None = None):
+                  init_weights: dict[str, np.ndarray] | None = None, label: str | None = None):
     """A ``TorchTrainer`` running ``train_loop_per_worker`` on ``data``.
 
     ``data``: a ``TrainingData`` or the dict of its ``arrays()`` (numpy arrays or
     ObjectRefs, plus "pos_weight"). ``run_config_overrides``: RunConfig keyword
     arguments (``storage_path``, ``name``, ``callbacks``...) replacing the defaults.
     ``init_weights``: parameter name -> array to start from (warm start; the names
-    and shapes must match the model args of ``cfg``).
+    and shapes must match the model args of ``cfg``). ``label``: put before each epoch
+    line, so that concurrent runs (Tune trials) can be told apart in one log.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -448,6 +450,8 @@ def build_trainer(data: TrainingData | dict[str, Any], cfg: Config, run_config_o
         **over,
     })
     loop_config = _loop_config(data, cfg)
+    if label:
+        loop_config["label"] = str(label)
     if init_weights is not None:
         import ray
 

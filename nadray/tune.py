@@ -472,7 +472,7 @@ def _train_trial(config: dict[str, Any], shared: dict[str, Any] | None = None) -
         "name": trial_id,
         "storage_path": shared["train_storage"],
         "callbacks": [TuneReportCallback()],  # Ray: each epoch's report becomes a Tune result
-    })
+    }, label=f"trial {trial_id}")
     # Not the snapshot-based cleanup of train.fit: the next trial may start at any
     # moment. A run that ends normally removes its own group; the group of a stopped
     # one is released by the search's ReleaseStoppedTrainRuns callback.

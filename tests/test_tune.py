@@ -260,6 +260,14 @@ def test_tune_random_registers_best_trial(tune_archive):
         assert got == pytest.approx(v)
     assert "test" in meta["metrics"] and "threshold" in meta and np.isfinite(scorer.threshold.value)
     assert result.promoted and reg.champion(registry)["version"] == result.version
+    # Trials train side by side into one log: each trial's epoch lines name it.
+    import pathlib
+
+    import ray
+
+    logs = pathlib.Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    text = "".join(p.read_text(errors="replace") for p in logs.glob("worker-*"))
+    assert f"trial {result.best_trial}: epoch 1/" in text
     # Rerunning the finished search reports the same version, registering nothing new.
     again = nt.tune(str(root / "archive"), registry, cfg)
     assert again.version == result.version and again.resumed_registration
