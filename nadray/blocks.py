@@ -82,6 +82,7 @@ class EntityBlocks:
         self.rows = rows  # input rows of each block's flows, ascending
         self.owned = owned  # entity names (object) each block scores; each entity in one block
         self.split = split  # bool per input flow: its entities are in two blocks
+        self.n_split = int(split.sum())
 
     def __len__(self) -> int:
         return len(self.owned)
@@ -106,10 +107,10 @@ def entity_blocks(flows: pa.Table, encoder: Any, n_blocks: int) -> EntityBlocks:
 class SpilledBlocks:
     """Entity blocks of a spilled input: one local Parquet file each, read when asked."""
 
-    def __init__(self, files: list[str], owned: list[np.ndarray], split: int):
+    def __init__(self, files: list[str], owned: list[np.ndarray], n_split: int):
         self.files = files
         self.owned = owned
-        self.n_split = split  # flows held by two blocks
+        self.n_split = n_split  # flows held by two blocks
 
     def __len__(self) -> int:
         return len(self.owned)
@@ -124,12 +125,13 @@ class SpilledBlocks:
 class Spill:
     """A large input on local disk: its pieces as read, then one file per entity block.
 
-    Use as a context manager: the folder (under ``TMPDIR``) goes when it closes.
+    Use as a context manager: the folder (under ``TMPDIR``, made by the first ``add``)
+    goes when it closes.
     """
 
     def __init__(self, encoder: Any):
         self.encoder = encoder
-        self.dir = tempfile.mkdtemp(prefix="nadray-score-")
+        self.dir: str | None = None
         self.pieces: list[str] = []
         self.events: dict[Any, int] = {}  # events per entity over every piece
         self.rows = 0
@@ -138,11 +140,14 @@ class Spill:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def add(self, flows: pa.Table) -> None:
         import pyarrow.parquet as pq
 
+        if self.dir is None:
+            self.dir = tempfile.mkdtemp(prefix="nadray-score-")
         _, entity = self.encoder.flow_entities(flows)
         for e, c in pd.Series(entity, dtype=object).value_counts(sort=False).items():
             self.events[e] = self.events.get(e, 0) + int(c)
@@ -159,6 +164,7 @@ class Spill:
         block_of = pack(np.fromiter(self.events.values(), dtype="int64", count=len(names)), n_blocks)
         used = int(block_of.max()) + 1 if len(names) else 1
         index = pd.Index(names)
+        assert self.dir is not None, "Spill.blocks before any add"
         files = [os.path.join(self.dir, f"block-{k:06d}.parquet") for k in range(used)]
         writers: dict[int, pq.ParquetWriter] = {}
         offset = n_split = 0

@@ -76,7 +76,6 @@ class _ScorerActor:
         self.owned = owned
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from nadray.blocks import with_keys
         from nadray.scorer import _to_flow_table
 
         k = int(batch.column("_block")[0].as_py())
@@ -91,7 +90,9 @@ def _to_arrow(scores) -> pa.Table:
 
 class _Output:
     """Writes the score files as blocks come: a block's flows that no other block holds at
-    once, the split flows (``_split``) when every block is in, merged (``merge_split``)."""
+    once, the split flows (``_split``) when every block is in, merged (``merge_split``).
+    Those wait in memory, score rows of about 100 bytes each: on a network whose traffic
+    is mostly between its own hosts they are much of the input, a bound to know."""
 
     def __init__(self, fs, path: str, prefix: str, report: ScoreReport):
         self.fs, self.path, self.prefix, self.report = fs, path.rstrip("/"), prefix, report
@@ -298,6 +299,7 @@ def _remove_written(fs, path: str, prefix: str, shown: str) -> None:
 
 def _score_in_driver(scorer, blocks: EntityBlocks | SpilledBlocks, out: _Output) -> None:
     """One Scorer in this process, one entity block after another (bounded memory)."""
+    log.info("score: %d entity blocks (%d flows in two) scored in this process", len(blocks), blocks.n_split)
     t0 = time.time()
     for k, table in enumerate(blocks.tables()):
         scored = _to_arrow(scorer.score_table(table.drop_columns(KEYS), blocks.owned[k]))
@@ -316,7 +318,8 @@ def _score_ray_data(model_ref: str, blocks: EntityBlocks | SpilledBlocks, actors
     from nadray.runtime import cluster_cpus
 
     _, cpus_per_actor = _pool(cluster_cpus())
-    log.info("score: %d entity blocks to %d Ray Data scoring actor(s)", len(blocks), actors)
+    log.info("score: %d entity blocks (%d flows in two) to %d Ray Data scoring actor(s)", len(blocks),
+             blocks.n_split, actors)
     # Into the object store one block at a time (Ray spills it to disk when full), not all in this process.
     refs = [ray.put(t.append_column("_block", pa.array(np.full(t.num_rows, k, "int32"))))
             for k, t in enumerate(blocks.tables())]
