@@ -65,6 +65,19 @@ def with_keys(table: pa.Table, flow: Any, split: Any) -> pa.Table:
     return table.append_column("_flow", pa.array(flow, pa.int64())).append_column("_split", pa.array(split, pa.bool_()))
 
 
+def merge_split_files(files: list[str], max_flow: int, rows: int) -> Iterator[pa.Table]:
+    """``merge_split`` of split rows spilled to ``files``, ``rows`` input rows (``_flow``) at a
+    time: the two rows of a flow are in the same range, and each read skips the row groups
+    whose statistics lie outside it."""
+    import pyarrow.dataset as ds
+
+    data = ds.dataset(files, format="parquet")
+    for lo in range(0, max_flow + 1, rows):
+        t = data.to_table(filter=(ds.field("_flow") >= lo) & (ds.field("_flow") < lo + rows))
+        if t.num_rows:
+            yield merge_split([t])
+
+
 def merge_split(parts: list[pa.Table]) -> pa.Table:
     """One row per flow from the blocks' rows of split flows (column ``_flow``): the highest
     score, ties to the entity first in code point order (``Scorer.flow_scores``' rule)."""
@@ -125,8 +138,8 @@ class SpilledBlocks:
 class Spill:
     """A large input on local disk: its pieces as read, then one file per entity block.
 
-    Use as a context manager: the folder (under ``TMPDIR``, made by the first ``add``)
-    goes when it closes.
+    Use as a context manager: the folder (under ``TMPDIR``, made on first use) goes when
+    it closes. Score output waiting to be merged spills there too (``score._Output``).
     """
 
     def __init__(self, encoder: Any):
@@ -143,15 +156,19 @@ class Spill:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
 
+    def file(self, name: str) -> str:
+        """A path in the spill folder, made on first use."""
+        if self.dir is None:
+            self.dir = tempfile.mkdtemp(prefix="nadray-score-")
+        return os.path.join(self.dir, name)
+
     def add(self, flows: pa.Table) -> None:
         import pyarrow.parquet as pq
 
-        if self.dir is None:
-            self.dir = tempfile.mkdtemp(prefix="nadray-score-")
         _, entity = self.encoder.flow_entities(flows)
         for e, c in pd.Series(entity, dtype=object).value_counts(sort=False).items():
             self.events[e] = self.events.get(e, 0) + int(c)
-        path = os.path.join(self.dir, f"piece-{len(self.pieces):06d}.parquet")
+        path = self.file(f"piece-{len(self.pieces):06d}.parquet")
         pq.write_table(flows, path)
         self.pieces.append(path)
         self.rows += flows.num_rows
@@ -164,8 +181,7 @@ class Spill:
         block_of = pack(np.fromiter(self.events.values(), dtype="int64", count=len(names)), n_blocks)
         used = int(block_of.max()) + 1 if len(names) else 1
         index = pd.Index(names)
-        assert self.dir is not None, "Spill.blocks before any add"
-        files = [os.path.join(self.dir, f"block-{k:06d}.parquet") for k in range(used)]
+        files = [self.file(f"block-{k:06d}.parquet") for k in range(used)]
         writers: dict[int, pq.ParquetWriter] = {}
         offset = n_split = 0
         try:

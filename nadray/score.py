@@ -37,13 +37,17 @@ import numpy as np
 import pyarrow as pa
 
 from nadray import storage
-from nadray.blocks import KEYS, EntityBlocks, SpilledBlocks, entity_blocks, merge_split, with_keys
+from nadray.blocks import (KEYS, EntityBlocks, Spill, SpilledBlocks, entity_blocks, merge_split, merge_split_files,
+                           with_keys)
 from nadray.errors import InputError, NadrayError
 
 log = logging.getLogger("nadray.score")
 
 # Inputs up to this many flows are scored in the driver (no Ray job): see the module docstring.
 DRIVER_SCORE_ROWS = 100_000
+# Spilled split flows are written in row groups of this many rows: a merge of one range of
+# flows reads only the row groups whose statistics overlap it.
+SPLIT_ROW_GROUP = 65_536
 
 
 @dataclass
@@ -83,32 +87,69 @@ class _ScorerActor:
         return with_keys(out, batch.column("_flow"), batch.column("_split"))
 
 
+# The score output's Arrow types, fixed: every file of one output, and the split flows
+# merged across blocks, must agree, whatever a block holds (a block whose label details
+# are all missing would otherwise get a column of Arrow's null type).
+SCORE_SCHEMA = pa.schema([
+    ("source", pa.large_string()), ("source_row", pa.int64()), ("ts", pa.timestamp("us", tz="UTC")),
+    ("entity", pa.large_string()), ("score", pa.float64()), ("is_anomaly", pa.bool_()),
+    ("threshold", pa.float64()), ("model_version", pa.large_string()), ("label", pa.int8()),
+    ("label_detail", pa.large_string()),
+])
+
+
 def _to_arrow(scores) -> pa.Table:
-    """The score output DataFrame as the Arrow table both paths write."""
-    return pa.Table.from_pandas(scores, preserve_index=False)
+    """The score output DataFrame as the Arrow table every path writes (``SCORE_SCHEMA``)."""
+    return pa.Table.from_pandas(scores, schema=SCORE_SCHEMA, preserve_index=False)
 
 
 class _Output:
     """Writes the score files as blocks come: a block's flows that no other block holds at
     once, the split flows (``_split``) when every block is in, merged (``merge_split``).
-    Those wait in memory, score rows of about 100 bytes each: on a network whose traffic
-    is mostly between its own hosts they are much of the input, a bound to know."""
+    Until then they wait in memory, or, past ``blocks.SPILL_ROWS`` rows (on a network whose
+    traffic is mostly between its own hosts they are much of the input), in ``spill``'s
+    folder, merged from there a range of flows at a time."""
 
-    def __init__(self, fs, path: str, prefix: str, report: ScoreReport):
-        self.fs, self.path, self.prefix, self.report = fs, path.rstrip("/"), prefix, report
+    def __init__(self, fs, path: str, prefix: str, report: ScoreReport, spill: Spill):
+        self.fs, self.path, self.prefix, self.report, self.spill = fs, path.rstrip("/"), prefix, report, spill
         self.split: list[pa.Table] = []
+        self.held = 0  # rows in self.split
+        self.spilled: list[str] = []
+        self.max_flow = -1
 
     def add(self, block: pa.Table) -> None:
         """``block``: score output plus ``blocks.KEYS`` (input row, split flag)."""
+        from nadray import blocks
+
         split = block.column("_split").to_numpy(zero_copy_only=False)
         if split.any():
-            self.split.append(block.filter(pa.array(split)).drop_columns(["_split"]))
+            part = block.filter(pa.array(split)).drop_columns(["_split"])
+            self.split.append(part)
+            self.held += part.num_rows
+            self.max_flow = max(self.max_flow, int(part.column("_flow").to_numpy().max()))
+            if self.held > blocks.SPILL_ROWS:
+                self._spill_split()
         self.write(block.filter(pa.array(~split)).drop_columns(KEYS))
 
+    def _spill_split(self) -> None:
+        import pyarrow.parquet as pq
+
+        f = self.spill.file(f"split-{len(self.spilled):06d}.parquet")
+        pq.write_table(pa.concat_tables(self.split), f, row_group_size=SPLIT_ROW_GROUP)
+        self.spilled.append(f)
+        self.split, self.held = [], 0
+
     def close(self) -> None:
-        if self.split:
+        from nadray import blocks
+
+        if self.spilled:
+            if self.split:
+                self._spill_split()
+            for merged in merge_split_files(self.spilled, self.max_flow, blocks.SPILL_ROWS):
+                self.write(merged)
+        elif self.split:
             self.write(merge_split(self.split))
-            self.split = []
+        self.split, self.spilled = [], []
 
     def write(self, table: pa.Table) -> None:
         import pyarrow.parquet as pq
@@ -216,7 +257,7 @@ def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto",
     Inputs of at most ``driver_rows`` flows (default ``DRIVER_SCORE_ROWS``) are scored in the
     driver without Ray; larger ones with a Ray Data pool of Scorer actors. Same output either way.
     """
-    from nadray.blocks import SPILL_ROWS, Spill
+    from nadray import blocks
     from nadray.scorer import Scorer
 
     t0 = time.time()
@@ -229,7 +270,7 @@ def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto",
         for t, r, q in read_pieces(inputs, fmt):
             read, quarantined, n_in = read + r, quarantined + q, n_in + t.num_rows
             held.append(t)
-            if n_in > SPILL_ROWS:  # too large to hold: to local disk, a piece at a time
+            if n_in > blocks.SPILL_ROWS:  # too large to hold: to local disk, a piece at a time
                 for h in held:
                     spill.add(h)
                 held = []
@@ -248,7 +289,7 @@ def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto",
         try:
             # An S3 outage mid-write is one line naming the output, not a botocore traceback.
             with storage.unreachable_as_error(output, "write the scores"):
-                out = _Output(fs, path, prefix, report)
+                out = _Output(fs, path, prefix, report, spill)
                 in_driver = runs_in_driver(n_in, driver_rows)
                 report.path = "driver" if in_driver else "ray-data"
                 if in_driver and flows is not None and n_in <= DRIVER_SCORE_ROWS:

@@ -129,10 +129,16 @@ def test_an_input_too_large_to_hold_is_spilled_with_the_same_scores(ray_session,
     monkeypatch.setattr(score_mod, "DRIVER_SCORE_ROWS", 100)
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    # The flows held by two blocks (107 here, 214 rows) pass SPILL_ROWS too: merged from disk.
+    split_spills = []
+    real_spill_split = score_mod._Output._spill_split
+    monkeypatch.setattr(score_mod._Output, "_spill_split",
+                        lambda self: (split_spills.append(self.held), real_spill_split(self))[1])
     with caplog.at_level("INFO", logger="nadray.score"):
         report = score(model_ref, paths, str(tmp_path / "s"), driver_rows=driver_rows)
     spilled = [r.getMessage() for r in caplog.records if "spilled to" in r.getMessage()]
     assert len(spilled) == 1 and str(tmp_path / "tmp") in spilled[0] and report.path == path
+    assert split_spills and sum(split_spills) > 150
     assert not os.listdir(tmp_path / "tmp")
     flows = pa.concat_tables([read_input(p).flows for p in paths])
     got = pq.read_table(str(tmp_path / "s")).to_pandas()
@@ -164,6 +170,26 @@ def test_scoring_an_archive_gives_the_raw_files_scores(model_ref, shared_data, t
     merged = a.merge(r, on=["source", "source_row"], suffixes=("", "_raw"))
     assert len(merged) == 367
     np.testing.assert_allclose(merged.score, merged.score_raw, rtol=1e-5, atol=1e-6)
+
+
+def test_every_block_writes_one_schema_even_without_label_details(model_ref, shared_data):
+    """A block of records without label details (a plain conn.log beside labelled captures)
+    writes the same Arrow types as one with them, so the output's files agree and the split
+    flows of the two can be merged (pandas alone would make an all-None column null-typed)."""
+    from nadray.blocks import merge_split, with_keys
+    from nadray.ingest import read_input
+    from nadray.score import SCORE_SCHEMA, _to_arrow
+
+    flows = read_input(str(shared_data / "iot23_small_scenarios" / f"{CAPTURES[0]}-labeled.csv")).flows
+    labelled = Scorer.from_ref(model_ref).score_table(flows)
+    plain = labelled.assign(label_detail=None, label=pd.array([pd.NA] * len(labelled), dtype="Int8"))
+    a, b = _to_arrow(labelled), _to_arrow(plain)
+    assert a.schema.equals(SCORE_SCHEMA) and b.schema.equals(SCORE_SCHEMA)
+    assert a.column("label_detail").null_count == 0 and b.column("label_detail").null_count == len(plain)
+    n = len(labelled)
+    keys = np.arange(n), np.ones(n, dtype=bool)
+    merged = merge_split([with_keys(t, *keys).drop_columns(["_split"]) for t in (a, b)])
+    assert merged.num_rows == n and merged.schema.equals(SCORE_SCHEMA)
 
 
 def test_a_run_failing_midway_leaves_no_partial_output(ray_session, model_ref, shared_data, tmp_path, monkeypatch):
