@@ -297,12 +297,12 @@ def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto",
                 else:
                     actors = 1 if in_driver else _pool(_cluster_cpus())[0]
                     n_blocks = max(-(-n_in // DRIVER_SCORE_ROWS), 1 if in_driver else 4 * actors)
-                    blocks = spill.blocks(n_blocks) if flows is None else entity_blocks(flows, scorer.encoder, n_blocks)
+                    units = spill.blocks(n_blocks) if flows is None else entity_blocks(flows, scorer.encoder, n_blocks)
                     del flows
                     if in_driver:
-                        _score_in_driver(scorer, blocks, out)
+                        _score_in_driver(scorer, units, out)
                     else:
-                        _score_ray_data(model_ref, blocks, actors, out)
+                        _score_ray_data(model_ref, units, actors, out)
             if report.rows_scored != n_in:
                 raise NadrayError(f"score: wrote {report.rows_scored} rows for {n_in} input records")
         except BaseException:
