@@ -7,7 +7,7 @@ so a block holds every flow of the entities it owns and scores only theirs
 the two answers (``merge_split``): a flow's score is the highest of its entities'
 (DESIGN.md), and Serve's shards merge the same way (``serving.routing``).
 
-Blocks are entities, not connected components of the entity graph: on real
+Blocks are entities, not connected components of the entity graph: on most real
 captures one component holds 75-100% of the flows (every host talks to the
 gateway or a DNS server), so components left one block.
 

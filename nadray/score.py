@@ -80,11 +80,15 @@ class _ScorerActor:
         self.owned = owned
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from nadray.scorer import _to_flow_table
+        return _score_block(self.scorer, batch, self.owned[int(batch.column("_block")[0].as_py())])
 
-        k = int(batch.column("_block")[0].as_py())
-        out = _to_arrow(self.scorer.score_table(_to_flow_table(batch), self.owned[k]))
-        return with_keys(out, batch.column("_flow"), batch.column("_split"))
+
+def _score_block(scorer, block: pa.Table, owned: np.ndarray) -> pa.Table:
+    """One entity block (flows plus ``blocks.KEYS``) -> its score rows, with the same keys."""
+    from nadray.scorer import _to_flow_table
+
+    out = _to_arrow(scorer.score_table(_to_flow_table(block), owned))
+    return with_keys(out, block.column("_flow"), block.column("_split"))
 
 
 # The score output's Arrow types, fixed: every file of one output, and the split flows
@@ -229,20 +233,6 @@ def read_pieces(inputs: list[str], fmt: str) -> Iterator[tuple[pa.Table, int, in
             yield r.flows.cast(FLOW_SCHEMA), int(r.read), int(r.quarantined)
 
 
-def read_inputs(inputs: list[str], fmt: str) -> tuple[pa.Table, int, int]:
-    """(flows in time order, records read, records quarantined), held in memory."""
-    from nadray.data import sort_flows
-    from nadray.schema import FLOW_SCHEMA
-
-    tables, read, quarantined = [], 0, 0
-    for t, r, q in read_pieces(inputs, fmt):
-        tables.append(t)
-        read += r
-        quarantined += q
-    table = pa.concat_tables(tables) if tables else FLOW_SCHEMA.empty_table()
-    return sort_flows(table), read, quarantined
-
-
 def _pool(cpus: float) -> tuple[int, float]:
     """(actors, CPUs per actor) leaving CPU for reads and writes (RAY.md: the 2-CPU deadlock)."""
     if cpus <= 2:
@@ -258,6 +248,7 @@ def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto",
     driver without Ray; larger ones with a Ray Data pool of Scorer actors. Same output either way.
     """
     from nadray import blocks
+    from nadray.data import sort_flows
     from nadray.scorer import Scorer
 
     t0 = time.time()
@@ -280,7 +271,7 @@ def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto",
             raise NadrayError(f"score: inputs {inputs} hold no readable records ({quarantined} quarantined)")
         log.info("score: %d records read, %d quarantined, in %.1f s%s; scoring with model %s", read, quarantined,
                  time.time() - t0, f" (spilled to {spill.dir})" if spill.rows else "", scorer.version)
-        flows = None if spill.rows else _sorted(held)
+        flows = None if spill.rows else sort_flows(pa.concat_tables(held))
         del held
         fs, path = storage.arrow_fs(output)
         if not storage.is_s3(output):
@@ -295,14 +286,14 @@ def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto",
                 if in_driver and flows is not None and n_in <= DRIVER_SCORE_ROWS:
                     out.write(_to_arrow(scorer.score_table(flows)))
                 else:
-                    actors = 1 if in_driver else _pool(_cluster_cpus())[0]
-                    n_blocks = max(-(-n_in // DRIVER_SCORE_ROWS), 1 if in_driver else 4 * actors)
+                    pool = None if in_driver else _pool(_cluster_cpus())
+                    n_blocks = max(-(-n_in // DRIVER_SCORE_ROWS), 4 * pool[0] if pool else 1)
                     units = spill.blocks(n_blocks) if flows is None else entity_blocks(flows, scorer.encoder, n_blocks)
                     del flows
-                    if in_driver:
+                    if pool is None:
                         _score_in_driver(scorer, units, out)
                     else:
-                        _score_ray_data(model_ref, units, actors, out)
+                        _score_ray_data(model_ref, units, pool, out)
             if report.rows_scored != n_in:
                 raise NadrayError(f"score: wrote {report.rows_scored} rows for {n_in} input records")
         except BaseException:
@@ -311,12 +302,6 @@ def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto",
             raise
     report.seconds = time.time() - t0
     return report
-
-
-def _sorted(tables: list[pa.Table]) -> pa.Table:
-    from nadray.data import sort_flows
-
-    return sort_flows(pa.concat_tables(tables))
 
 
 def _cluster_cpus() -> float:
@@ -343,22 +328,20 @@ def _score_in_driver(scorer, blocks: EntityBlocks | SpilledBlocks, out: _Output)
     log.info("score: %d entity blocks (%d flows in two) scored in this process", len(blocks), blocks.n_split)
     t0 = time.time()
     for k, table in enumerate(blocks.tables()):
-        scored = _to_arrow(scorer.score_table(table.drop_columns(KEYS), blocks.owned[k]))
-        out.add(with_keys(scored, table.column("_flow"), table.column("_split")))
+        out.add(_score_block(scorer, table, blocks.owned[k]))
         # progress on a long input, a block (about DRIVER_SCORE_ROWS flows) at a time
         log.info("score: entity block %d/%d, %d flows, %.1f s", k + 1, len(blocks), table.num_rows, time.time() - t0)
         t0 = time.time()
     out.close()
 
 
-def _score_ray_data(model_ref: str, blocks: EntityBlocks | SpilledBlocks, actors: int, out: _Output) -> None:
-    """Entity blocks -> a fixed pool of Scorer actors -> this process writes what they return."""
+def _score_ray_data(model_ref: str, blocks: EntityBlocks | SpilledBlocks, pool: tuple[int, float],
+                    out: _Output) -> None:
+    """Entity blocks -> a fixed pool of Scorer actors (``_pool``) -> this process writes what they return."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    from nadray.runtime import cluster_cpus
-
-    _, cpus_per_actor = _pool(cluster_cpus())
+    actors, cpus_per_actor = pool
     log.info("score: %d entity blocks (%d flows in two) to %d Ray Data scoring actor(s)", len(blocks),
              blocks.n_split, actors)
     # Into the object store one block at a time (Ray spills it to disk when full), not all in this process.
