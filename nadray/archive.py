@@ -212,8 +212,9 @@ def uncommitted_keys(archive: str) -> set[str]:
 
 
 def _committed(name: str, hidden: set[str]) -> bool:
+    # part-<sha>.parquet, or part-<sha>-<piece>.parquet for an input written in pieces
     return not (hidden and name.startswith("part-") and name.endswith(".parquet")
-                and name[len("part-"):-len(".parquet")] in hidden)
+                and name[len("part-"):-len(".parquet")].split("-", 1)[0] in hidden)
 
 
 def list_manifest(archive: str) -> list[dict]:

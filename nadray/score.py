@@ -212,7 +212,8 @@ def _expand(inputs: list[str]) -> list[str]:
 
 
 def read_pieces(inputs: list[str], fmt: str) -> Iterator[tuple[pa.Table, int, int]]:
-    """(flows as FLOW_SCHEMA, records read, records quarantined) per input file or archive partition."""
+    """(flows as FLOW_SCHEMA, records read, records quarantined) per input file (or piece of a large one)
+    or archive partition."""
     from nadray.schema import FLOW_SCHEMA
 
     if fmt == "archive":
@@ -225,12 +226,12 @@ def read_pieces(inputs: list[str], fmt: str) -> Iterator[tuple[pa.Table, int, in
                 t = read_flows(a, paths=[p])
                 yield t, t.num_rows, 0
     else:
-        from nadray.ingest import read_input
+        from nadray.ingest.stream import iter_input
 
         for path in _expand(inputs):
-            r = read_input(path, fmt)
-            # records, not whole-file notes (as ingest counts)
-            yield r.flows.cast(FLOW_SCHEMA), int(r.read), int(r.quarantined)
+            for r in iter_input(path, fmt):  # a large file a piece at a time
+                # records, not whole-file notes (as ingest counts)
+                yield r.flows.cast(FLOW_SCHEMA), int(r.read), int(r.quarantined)
 
 
 def _pool(cpus: float) -> tuple[int, float]:

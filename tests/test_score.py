@@ -149,6 +149,32 @@ def test_an_input_too_large_to_hold_is_spilled_with_the_same_scores(ray_session,
     np.testing.assert_allclose(merged.score, merged.score_ref, rtol=1e-5, atol=1e-6)
 
 
+def test_one_file_too_large_to_hold_is_read_and_spilled_a_piece_at_a_time(model_ref, shared_data, tmp_path,
+                                                                         monkeypatch):
+    """A single large file is never held whole: its pieces (nadray.ingest.stream) go to the
+    spill one at a time, and the scores are those of the whole file."""
+    from nadray import blocks as blocks_mod
+    from nadray.ingest import read_input, stream
+    from nadray.score import score
+
+    path = str(shared_data / "iot23_small_scenarios" / f"{CAPTURES[1]}-labeled.csv")  # 237 flows
+    monkeypatch.setattr(stream, "PIECE_BYTES", 8000)
+    monkeypatch.setattr(stream, "WHOLE_BYTES", 8000)
+    monkeypatch.setattr(blocks_mod, "SPILL_ROWS", 100)
+    added = []
+    real_add = blocks_mod.Spill.add
+    monkeypatch.setattr(blocks_mod.Spill, "add", lambda self, t: (added.append(t.num_rows), real_add(self, t))[1])
+    report = score(model_ref, [path], str(tmp_path / "s"))
+    flows = read_input(path).flows
+    assert len(added) > 2 and max(added) < flows.num_rows and sum(added) == flows.num_rows
+    got = pq.read_table(str(tmp_path / "s")).to_pandas()
+    assert report.rows_scored == len(got) == flows.num_rows == report.read
+    ref = Scorer.from_ref(model_ref).score_table(flows)
+    merged = got.merge(ref, on=["source", "source_row"], suffixes=("", "_ref"))
+    assert len(merged) == flows.num_rows
+    np.testing.assert_allclose(merged.score, merged.score_ref, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("spill_rows", [10**9, 150])
 def test_scoring_an_archive_gives_the_raw_files_scores(model_ref, shared_data, tmp_path, monkeypatch, caplog,
                                                        spill_rows):

@@ -47,7 +47,8 @@ class ReadResult:
     ``read`` counts the data records of the input (for pcap: flows from the flow
     meter); ``read == flows.num_rows + (quarantine rows that have a source_row)``.
     A whole-file note (e.g. a truncated capture) is a quarantine row with a null
-    ``source_row`` and is not a record.
+    ``source_row`` and is not a record. ``piece``: which piece of a large input this
+    is (``nadray.ingest.stream``), None for a whole input.
     """
 
     flows: pa.Table
@@ -55,6 +56,7 @@ class ReadResult:
     read: int
     format: str
     notes: list[str] = field(default_factory=list)
+    piece: int | None = None
 
     @property
     def quarantined(self) -> int:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import itertools
 import logging
 import time
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from nadray import archive as arc
 from nadray import storage
 from nadray.errors import InputError, NadrayError, StorageError
 from nadray.ingest import detect as _detect
+from nadray.ingest import stream
 from nadray.ingest.common import ReadResult
 
 log = logging.getLogger(__name__)
@@ -27,6 +31,10 @@ class NotAFlowLog(InputError):
 
 class UnknownFormat(InputError):
     """Content that no adapter recognises."""
+
+
+class EmptyInput(InputError):
+    """A file with nothing but whitespace."""
 
 
 def _adapter(fmt: str):
@@ -52,20 +60,8 @@ def _adapter(fmt: str):
 
 def load_bytes(uri: str) -> bytes:
     """The raw bytes of a local file or S3 object; a one-line InputError when unreadable."""
-    try:
-        fs, path = storage.get_fs(uri)
-        with storage.unreachable_as_error(uri, "read"):
-            if not fs.exists(path):
-                raise InputError(f"{uri}: no such file or object")
-            if fs.isdir(path):
-                raise InputError(f"{uri}: is a folder, expected a file")
-        return storage.read_bytes(uri)
-    except InputError:
-        raise
-    except StorageError as e:  # already one line naming the URI
-        raise InputError(str(e)) from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"{uri}: cannot read: {type(e).__name__}: {e}") from None
+    with stream.open_raw(uri) as f:
+        return stream.read(f, -1, uri)
 
 
 def decompress(data: bytes, source: str) -> bytes:
@@ -85,7 +81,7 @@ def _blank(data: bytes) -> bool:
 def parse_bytes(data: bytes, source: str, fmt: str = "auto", local_path: str | None = None) -> ReadResult:
     """Parse decompressed content; ``local_path`` lets pcap read the file in place."""
     if _blank(data):
-        raise InputError(f"{source}: empty file")
+        raise EmptyInput(f"{source}: empty file")
     if fmt == "auto":
         found = _detect.detect(data[:_HEAD])
         if found == _detect.NOT_FLOW_LOG:
@@ -213,38 +209,82 @@ def _under(uri: str, roots: list[str]) -> bool:
     return False
 
 
-def _ingest_one(uri: str, from_folder: bool, archive: str, fmt: str, quarantine: str | None) -> FileReport:
-    raw = load_bytes(uri)
-    sha = hashlib.sha256(raw).hexdigest()
+def _ingest_one(uri: str, from_folder: bool, archive: str, fmt: str, quarantine: str | None,
+                piece_bytes: int | None = None, whole_bytes: int | None = None) -> FileReport:
+    piece_bytes, whole = stream.sizes(piece_bytes, whole_bytes)
+    if stream.size(uri) <= whole:  # held anyway: one read gives the hash and the records
+        raw = load_bytes(uri)
+        sha = hashlib.sha256(raw).hexdigest()
+        opened = contextlib.nullcontext(raw)
+    else:  # too large to hold: hashed in one pass, then parsed a piece at a time
+        raw = None
+        sha = stream.sha256(uri)
+        opened = stream.open_raw(uri)
     if arc.has_manifest(archive, sha):
         n = int(arc.read_manifest(archive, sha).get("read", 0))
         return FileReport(uri, "already ingested", read=n, skipped=n)
-    data = decompress(raw, uri)
-    if fmt == "auto" and from_folder:
-        found = None if _blank(data) else _detect.detect(data[:_HEAD])
-        if found == _detect.NOT_FLOW_LOG:
-            return FileReport(uri, "skipped: not a flow log")
-        if found is None:
-            return FileReport(uri, "skipped: unrecognised format")
-        fmt = found
-    res = parse_bytes(data, uri, fmt, local_path=_in_place(uri, raw, data))
-    # Parts stay hidden from readers until the manifest entry commits them (archive.uncommitted_keys).
-    arc.mark_pending(archive, sha, {"sha256": sha, "source": uri,
-                                    "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    parts = arc.write_flows(archive, res.flows, key=sha)
-    arc.write_quarantine(archive, res.quarantine, key=sha, quarantine=quarantine)
-    notes = list(res.notes)
+    local = None if storage.is_s3(uri) else uri
+    with opened as f:
+        pieces = (stream.iter_bytes(raw, uri, fmt, piece_bytes, local, whole) if raw is not None
+                  else stream.iter_pieces(f, uri, fmt, piece_bytes, local, whole))
+        try:
+            first = next(pieces)
+        except NotAFlowLog:
+            if fmt == "auto" and from_folder:
+                return FileReport(uri, "skipped: not a flow log")
+            raise
+        except (UnknownFormat, EmptyInput):
+            if fmt == "auto" and from_folder:
+                return FileReport(uri, "skipped: unrecognised format")
+            raise
+        # Parts stay hidden from readers until the manifest entry commits them (archive.uncommitted_keys).
+        arc.mark_pending(archive, sha, {"sha256": sha, "source": uri,
+                                        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        fr = FileReport(uri, "ingested", format=first.format)
+        parts, qparts = _write_pieces(archive, sha, itertools.chain([first], pieces), quarantine, fr)
     arc.write_manifest(archive, sha, {
-        "sha256": sha, "source": uri, "format": res.format, "read": res.read,
-        "archived": res.flows.num_rows, "quarantined": res.quarantined, "notes": notes,
-        "parts": parts, "ingested_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "sha256": sha, "source": uri, "format": fr.format, "read": fr.read,
+        "archived": fr.archived, "quarantined": fr.quarantined, "notes": fr.notes,
+        "parts": parts, "quarantine_parts": qparts,
+        "ingested_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     try:
         arc.clear_pending(archive, sha)
     except OSError:  # harmless: the .json entry already commits the parts
         log.debug("could not remove the pending marker of %s", uri, exc_info=True)
-    return FileReport(uri, "ingested", format=res.format, read=res.read, archived=res.flows.num_rows,
-                      quarantined=res.quarantined, notes=notes)
+    return fr
+
+
+def _write_pieces(archive: str, sha: str, pieces: Iterable[ReadResult], quarantine: str | None,
+                  fr: FileReport) -> tuple[list[str], list[str]]:
+    """Write each piece's flows and quarantine, counting into ``fr``; (flow parts, quarantine parts)."""
+    parts: list[str] = []
+    qparts: list[str] = []
+    try:
+        for res in pieces:
+            key = sha if res.piece is None else f"{sha}-{res.piece:05d}"
+            parts += arc.write_flows(archive, res.flows, key=key)
+            q = arc.write_quarantine(archive, res.quarantine, key=key, quarantine=quarantine)
+            qparts += [q] if q else []
+            fr.read += res.read
+            fr.archived += res.flows.num_rows
+            fr.quarantined += res.quarantined
+            fr.notes += [n for n in res.notes if n not in fr.notes]
+    except NadrayError as e:
+        if not isinstance(e, StorageError):  # a later piece was unreadable: the file is refused whole
+            _discard(archive, sha, parts + qparts)
+        raise
+    return parts, qparts
+
+
+def _discard(archive: str, sha: str, uris: list[str]) -> None:
+    """Remove what a refused input had written (its .pending marker hides it until then)."""
+    try:
+        for u in uris:
+            storage.rm(u)
+        arc.clear_pending(archive, sha)
+    except Exception:  # the input's own error matters more; hidden parts are overwritten by a rerun
+        log.debug("could not remove the parts of refused input %s", sha, exc_info=True)
 
 
 def ingest(inputs: list[str], archive: str, fmt: str = "auto", quarantine: str | None = None) -> IngestReport:

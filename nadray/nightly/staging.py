@@ -215,10 +215,13 @@ def commit(archive: str, date: str) -> dict[str, int]:
             _copy(p, dst)
             parts.append(dst)
             n_parts += 1
-        qpart = storage.join(arc.quarantine_uri(st), f"part-{e['sha256']}.parquet")
-        if storage.exists(qpart):
-            _copy(qpart, storage.join(arc.quarantine_uri(archive), f"part-{e['sha256']}.parquet"))
-        final.append({**e, "parts": parts, "night": date})
+        qparts = []
+        for q in e.get("quarantine_parts", [storage.join(arc.quarantine_uri(st), f"part-{e['sha256']}.parquet")]):
+            if storage.exists(q):
+                dst = storage.join(arc.quarantine_uri(archive), posixpath.basename(str(q).replace(os.sep, "/")))
+                _copy(q, dst)
+                qparts.append(dst)
+        final.append({**e, "parts": parts, "quarantine_parts": qparts, "night": date})
     qsrc, qdst = files_quarantine_uri(st), files_quarantine_uri(archive)
     names = storage.ls(qsrc)
     records = [n for n in names if n.endswith(".json") and not n.startswith(".")]
