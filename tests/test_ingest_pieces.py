@@ -93,16 +93,21 @@ def test_a_line_longer_than_a_piece_is_a_piece_of_its_own(tmp_path, shared_data)
     assert sum(r.read for r in pieces) == whole.read
 
 
-def test_large_file_is_ingested_in_pieces_like_a_whole_one(shared_data, tmp_path, monkeypatch):
-    """Archive, quarantine, manifest and counts match a whole ingest; a rerun adds nothing;
-    a nightly commit carries every piece's quarantine."""
+def test_large_file_is_ingested_in_pieces_like_a_whole_one(shared_data, tmp_path, monkeypatch, caplog):
+    """Archive, quarantine, manifest and counts match a whole ingest; progress is logged; a
+    rerun adds nothing; a nightly commit carries every piece's quarantine."""
+    from nadray.ingest import core
     from nadray.nightly import staging
 
     path = _inputs(shared_data, tmp_path)[0]
     ingest([str(path)], str(tmp_path / "whole"))
     monkeypatch.setattr(stream, "PIECE_BYTES", 4000)
     monkeypatch.setattr(stream, "WHOLE_BYTES", 4000)
-    rep = ingest([str(path)], str(tmp_path / "pieces"))
+    monkeypatch.setattr(core, "PROGRESS_S", 0.0)
+    with caplog.at_level("INFO", logger="nadray.ingest.core"):
+        rep = ingest([str(path)], str(tmp_path / "pieces"))
+    progress = [r.getMessage() for r in caplog.records if "records in" in r.getMessage()]
+    assert len(progress) > 2 and progress[-1].startswith(f"ingest: {path}: {rep.read} records in")
     (fr,) = rep.files
     assert rep.ok and fr.status == "ingested" and fr.quarantined >= 2
     assert fr.read == fr.archived + fr.quarantined == read_input(str(path)).read

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 FORMATS = ["zeek", "argus", "cicflowmeter", "unsw-nb15", "cs448b", "pcap"]
 _HEAD = 1 << 16
+# Seconds between progress lines while a large file is ingested in pieces.
+PROGRESS_S = 10.0
 
 
 class NotAFlowLog(InputError):
@@ -260,6 +262,7 @@ def _write_pieces(archive: str, sha: str, pieces: Iterable[ReadResult], quaranti
     """Write each piece's flows and quarantine, counting into ``fr``; (flow parts, quarantine parts)."""
     parts: list[str] = []
     qparts: list[str] = []
+    t0 = shown = time.perf_counter()
     try:
         for res in pieces:
             key = sha if res.piece is None else f"{sha}-{res.piece:05d}"
@@ -270,6 +273,9 @@ def _write_pieces(archive: str, sha: str, pieces: Iterable[ReadResult], quaranti
             fr.archived += res.flows.num_rows
             fr.quarantined += res.quarantined
             fr.notes += [n for n in res.notes if n not in fr.notes]
+            if res.piece is not None and time.perf_counter() - shown >= PROGRESS_S:  # a large file's progress
+                shown = time.perf_counter()
+                log.info("ingest: %s: %d records in %.0f s (piece %d)", fr.source, fr.read, shown - t0, res.piece + 1)
     except NadrayError as e:
         if not isinstance(e, StorageError):  # a later piece was unreadable: the file is refused whole
             _discard(archive, sha, parts + qparts)
