@@ -204,6 +204,26 @@ def clear_pending(archive: str, sha: str) -> None:
     storage.rm(pending_uri(archive, sha))
 
 
+def remove_unfinished(archive: str, sha: str, quarantine: str | None = None) -> int:
+    """Remove the parts of an ingest of ``sha`` that stopped before its manifest entry.
+
+    A rerun overwrites parts of the same name, but a large input's piece parts
+    (``part-<sha>-<piece>``) are named by where its pieces were cut: a rerun that cuts
+    elsewhere (another ``PIECE_BYTES``) would leave the old ones to be committed beside
+    its own. Lists every partition: a crash's cleanup only. Returns the files removed.
+    """
+    if not storage.exists(pending_uri(archive, sha)) or has_manifest(archive, sha):
+        return 0
+    folders = [storage.join(archive, f"date={d}") for d in list_dates(archive)] + [quarantine_uri(archive, quarantine)]
+    n = 0
+    for folder in folders:
+        for name in storage.ls(folder):
+            if name == f"part-{sha}.parquet" or name.startswith(f"part-{sha}-"):
+                storage.rm(storage.join(folder, name))
+                n += 1
+    return n
+
+
 def uncommitted_keys(archive: str) -> set[str]:
     """Part keys of inputs whose ingest started (``.pending``) and never finished (no ``.json``)."""
     names = storage.ls(storage.join(archive, MANIFEST_DIR))

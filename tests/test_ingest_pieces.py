@@ -140,6 +140,31 @@ def test_large_file_is_ingested_in_pieces_like_a_whole_one(shared_data, tmp_path
     assert same(arc.read_flows(night), arc.read_flows(w))
 
 
+def test_a_rerun_after_a_crash_cut_elsewhere_leaves_no_stale_piece(shared_data, tmp_path, monkeypatch):
+    """An ingest stopped before its manifest entry left piece parts; the rerun cuts the file
+    at other places (another PIECE_BYTES): the old parts must not be committed beside it."""
+    import shutil
+
+    path = _inputs(shared_data, tmp_path)[0]
+    expected = read_input(str(path)).flows.num_rows
+    a = str(tmp_path / "a")
+    monkeypatch.setattr(stream, "WHOLE_BYTES", 3000)
+    monkeypatch.setattr(stream, "PIECE_BYTES", 3000)
+    ingest([str(path)], a)
+    (entry,) = arc.list_manifest(a)
+    sha = entry["sha256"]
+    crashed = tmp_path / "crashed"  # what a crash before the manifest entry leaves: parts + .pending
+    shutil.copytree(a, crashed)
+    Path(arc.manifest_uri(str(crashed), sha)).unlink()
+    arc.mark_pending(str(crashed), sha, {"sha256": sha})
+    assert arc.dataset_paths(str(crashed)) == []
+    monkeypatch.setattr(stream, "PIECE_BYTES", 5000)
+    rep = ingest([str(path)], str(crashed))
+    assert rep.ok and rep.archived == expected
+    assert arc.count_rows(str(crashed)) == expected  # not the old pieces' rows a second time
+    assert arc.read_quarantine(str(crashed)).num_rows == rep.quarantined
+
+
 def test_an_unreadable_later_piece_refuses_the_file_and_leaves_nothing(shared_data, tmp_path, monkeypatch):
     path = _inputs(shared_data, tmp_path)[0]
     broken = tmp_path / "cut.csv.gz"

@@ -239,6 +239,8 @@ def _ingest_one(uri: str, from_folder: bool, archive: str, fmt: str, quarantine:
             if fmt == "auto" and from_folder:
                 return FileReport(uri, "skipped: unrecognised format")
             raise
+        if arc.remove_unfinished(archive, sha, quarantine):  # an earlier attempt stopped midway
+            log.info("ingest: %s: removed the parts of an earlier, unfinished ingest", uri)
         # Parts stay hidden from readers until the manifest entry commits them (archive.uncommitted_keys).
         arc.mark_pending(archive, sha, {"sha256": sha, "source": uri,
                                         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
