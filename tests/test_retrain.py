@@ -131,9 +131,13 @@ def test_a_night_that_fails_after_training_changes_neither_champion_nor_archive(
 
 
 def test_an_interrupted_commit_is_repaired_by_the_rerun(tmp_path, monkeypatch):
+    from nadray.ingest import stream
+
     landing, archive = tmp_path / "landing", str(tmp_path / "archive")
     _land(landing, "CTU-Malware-Capture-44-1")
     date = "2019-01-10"
+    monkeypatch.setattr(stream, "WHOLE_BYTES", 5000)  # a large file, in miniature: parsed in pieces
+    monkeypatch.setattr(stream, "PIECE_BYTES", 5000)
     files = staging.scan_landing(str(landing), archive)
     assert [f.status for f in files] == ["new"]
     staging.stage(files, archive, date)
@@ -147,13 +151,19 @@ def test_an_interrupted_commit_is_repaired_by_the_rerun(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         staging.commit(archive, date)  # parts copied, manifest not written
     monkeypatch.undo()
+    assert list(Path(archive).glob("date=*/part-*.parquet"))  # copied, and yet
+    assert arc.count_rows(archive) == 0  # hidden from readers until the manifest entry
     files = staging.scan_landing(str(landing), archive)
     assert [f.status for f in files] == ["new"]  # no manifest entry: not archived yet
+    # The rerun cuts the file elsewhere, in fewer pieces: some of the first commit's piece
+    # parts have names the rerun does not write.
+    monkeypatch.setattr(stream, "WHOLE_BYTES", 12000)
+    monkeypatch.setattr(stream, "PIECE_BYTES", 12000)
     staging.stage(files, archive, date)
     lo, hi = "2019-01-01", "2019-02-01"
     assert staging.load_window(archive, date, arc._as_datetime(lo, "s"), arc._as_datetime(hi, "e")).num_rows == 237
     staging.commit(archive, date)
-    assert arc.count_rows(archive) == 237  # the same part names: nothing doubled
+    assert arc.count_rows(archive) == 237  # the interrupted commit's copies removed: nothing doubled
     assert [f.status for f in staging.scan_landing(str(landing), archive)] == ["archived"]
 
 

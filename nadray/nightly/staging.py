@@ -12,9 +12,11 @@ A night never writes into the main archive until it has decided about promotion:
 3. :func:`load_window` reads main + staged parts of the window.
 4. :func:`commit` copies staged parts into the main archive, then the whole-file
    quarantines, then the manifest entries (last: an input counts as archived only
-   once its manifest entry exists), and removes the staging folder. Part names are
-   the input's content hash, so a commit interrupted half-way is redone by the
-   next run with the same file names: nothing doubles.
+   once its manifest entry exists), and removes the staging folder. Each input's
+   parts are hidden from readers by a ``.pending`` marker until its manifest entry,
+   so a commit interrupted half-way shows nothing; the next run removes what it had
+   copied (a large file's piece parts are named by where it was cut) and redoes
+   it: nothing doubles.
 """
 
 from __future__ import annotations
@@ -209,6 +211,12 @@ def commit(archive: str, date: str) -> dict[str, int]:
     n_parts = 0
     final: list[dict[str, Any]] = []
     for e in entries:
+        sha = e["sha256"]
+        # Hidden from readers (.pending) until its manifest entry. What an interrupted commit
+        # copied goes first: a large file's piece parts are named by where it was cut.
+        arc.remove_unfinished(archive, sha)
+        arc.mark_pending(archive, sha, {"sha256": sha, "source": e.get("source"), "night": date,
+                                        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         parts = []
         for p in e.get("parts", []):
             dst = storage.join(archive, *_rel(p, st))
@@ -232,6 +240,10 @@ def commit(archive: str, date: str) -> dict[str, int]:
         _copy(storage.join(qsrc, n), storage.join(qdst, n))
     for e in final:
         arc.write_manifest(archive, e["sha256"], e)
+        try:
+            arc.clear_pending(archive, e["sha256"])
+        except OSError:  # harmless: the manifest entry already commits the parts
+            log.debug("could not remove the pending marker of %s", e["sha256"], exc_info=True)
     storage.rm(st, recursive=True)
     _remove_empty_parent(archive)
     return {"inputs": len(final), "parts": n_parts, "files_refused": len(records)}
