@@ -35,11 +35,11 @@ if str(REPO) not in sys.path:  # `python jobs/benchmark.py` from a checkout with
 
 # Sizes per mode. Batch scoring needs three sizes to show scaling.
 SIZES = {
-    "full": dict(ingest=200_000, score=[20_000, 80_000, 320_000], seq=300, batches=60, batch_flows=100, clients=4,
+    "full": dict(ingest=200_000, large=600_000, large_piece=None, score=[20_000, 80_000, 320_000], seq=300, batches=60, batch_flows=100, clients=4,
                  entities=200, train_flows=60_000, train_windows=16_384, epochs=4),
-    "quick": dict(ingest=100_000, score=[8_000, 24_000, 64_000], seq=120, batches=24, batch_flows=100, clients=4,
+    "quick": dict(ingest=100_000, large=600_000, large_piece=None, score=[8_000, 24_000, 64_000], seq=120, batches=24, batch_flows=100, clients=4,
                   entities=50, train_flows=36_000, train_windows=16_384, epochs=3),
-    "smoke": dict(ingest=5_000, score=[300, 600, 1_200], seq=10, batches=4, batch_flows=20, clients=2,
+    "smoke": dict(ingest=5_000, large=40_000, large_piece=262_144, score=[300, 600, 1_200], seq=10, batches=4, batch_flows=20, clients=2,
                   entities=5, train_flows=3_000, train_windows=256, epochs=2),
 }
 
@@ -57,6 +57,7 @@ REQUIRED_KEYS = [
     "batch_score_vs_isolation_forest", "batch_score_vs_isolation_forest_end_to_end", "serve_p50_ms", "serve_p99_ms",
     "serve_added_p50_ms", "serve_flows_per_s", "serve_vs_inprocess", "train_steps_per_s", "train_ray_vs_plain_torch", "serve_bytes_per_entity",
     "ingest_peak_rss_mb", "batch_score_peak_rss_mb", "serve_peak_rss_mb", "train_peak_rss_mb",
+    "ingest_large_rows_per_s", "ingest_large_vs_whole_speed", "ingest_large_peak_rss_mb", "ingest_large_vs_whole_memory",
 ]
 STAGES = ["ingest", "batch", "serve", "train"]
 
@@ -97,6 +98,10 @@ def run(mode: str = "quick", stages: list[str] | None = None, command: str | Non
             r = out["stages"]["ingest"] = st.bench_ingest(raw, sz["ingest"], tmp, reps=3 if mode != "smoke" else 1)
             out.update(ingest_rows_per_s=r["ingest_rows_per_s"], ingest_vs_pyarrow_csv=r["ingest_vs_pyarrow_csv"],
                        ingest_peak_rss_mb=r["peak_rss_mb"])
+            r = out["stages"]["ingest_large"] = st.bench_ingest_large(raw, sz["large"], tmp, reps=2 if mode == "full" else 1,
+                                                                      piece_bytes=sz["large_piece"])
+            out.update({k: r[k] for k in ("ingest_large_rows_per_s", "ingest_large_vs_whole_speed",
+                                          "ingest_large_peak_rss_mb", "ingest_large_vs_whole_memory")})
         if "batch" in stages:
             threads = st.ray_worker_torch_threads()
             r = out["stages"]["batch"] = st.bench_batch(ref, raw, sz["score"], tmp, threads)
@@ -153,6 +158,12 @@ def table(out: dict) -> str:
         row(f"ingest rows/s ({r['rows']:,} rows)", r["ingest_rows_per_s"], f"pyarrow.csv {_f(r['pyarrow_csv_rows_per_s'])}",
             r["ingest_vs_pyarrow_csv"])
         row("ingest into archive rows/s", r["ingest_archive_rows_per_s"])
+    if "ingest_large" in s:
+        r = s["ingest_large"]
+        row(f"large file ingest rows/s ({r['file_mb']:,} MB)", r["ingest_large_rows_per_s"],
+            f"parsed whole {_f(r['whole_rows_per_s'])}", r["ingest_large_vs_whole_speed"])
+        row("  its peak MB above start (pieces)", r["ingest_large_peak_rss_mb"], f"parsed whole {_f(r['whole_peak_rss_mb'])}",
+            r["ingest_large_vs_whole_memory"])
     if "batch" in s:
         r = s["batch"]
         for z in r["sizes"]:

@@ -2,6 +2,8 @@
 
 - ``bench_ingest``: ``nadray.ingest.read_input`` (and full ``ingest`` into an archive)
   vs ``pyarrow.csv.read_csv`` of the same Zeek CSV, alternated.
+- ``bench_ingest_large``: ``ingest`` of a file too large to parse whole, in pieces, vs the
+  same file parsed whole: time and peak memory, each in a fresh process.
 - ``bench_batch``: end-to-end ``nadray.score.score`` vs a bare torch forward of the
   same model over the same number of windows (measured before and after), and vs
   scikit-learn IsolationForest ``score_samples`` on the same flows' events (the rows
@@ -104,6 +106,65 @@ def bench_ingest(raw: pa.Table, n: int, tmp: str, reps: int = 3) -> dict[str, An
     return {"rows": n, "file_mb": round(os.path.getsize(path) / 2**20, 1),
             "ingest_rows_per_s": n / nad, "pyarrow_csv_rows_per_s": n / base, "ingest_vs_pyarrow_csv": base / nad,
             "ingest_archive_rows_per_s": n / t_full, "archived": int(report.archived)}
+
+
+# One ingest in a fresh Python process: a process's peak RSS cannot be reset, and pyarrow's
+# allocator keeps what one call freed for the next, so the two ways are measured apart.
+# The peak is the process's own high-water mark (VmHWM): ru_maxrss would start at the
+# benchmark driver's (Linux carries it across fork and exec), far above one ingest's.
+_INGEST_IN_PROCESS = """
+import json, resource, sys, time
+from nadray.ingest import core, stream
+
+def peak_mb():
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 1024
+    except OSError:  # not Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+path, archive, piece, whole = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+stream.PIECE_BYTES, stream.WHOLE_BYTES = piece, whole
+base = peak_mb()
+t0 = time.perf_counter()
+rep = core.ingest([path], archive)
+print(json.dumps({"s": time.perf_counter() - t0, "archived": rep.archived, "rss_mb": peak_mb() - base}))
+"""
+
+
+def _ingest_fresh(path: str, tmp: str, piece: int, whole: int) -> dict[str, float]:
+    import shutil
+    import subprocess
+
+    archive = tempfile.mkdtemp(dir=tmp)
+    try:
+        done = subprocess.run([sys.executable, "-c", _INGEST_IN_PROCESS, path, archive, str(piece), str(whole)],
+                              capture_output=True, text=True, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(archive, ignore_errors=True)
+
+
+@_stage
+def bench_ingest_large(raw: pa.Table, n: int, tmp: str, reps: int = 1, piece_bytes: int | None = None) -> dict[str, Any]:
+    """``ingest`` of one file over ``stream.WHOLE_BYTES``, parsed in pieces, against the same
+    file parsed whole (``WHOLE_BYTES`` raised past it), alternated, each in a fresh process."""
+    from nadray.ingest import stream
+
+    piece, whole = stream.sizes(piece_bytes, None if piece_bytes is None else 2 * piece_bytes)
+    path = write_zeek_csv(raw, n, os.path.join(tmp, "ingest-large.csv"))
+    size = os.path.getsize(path)
+    assert size > whole, f"{path}: {size} bytes would be parsed whole (WHOLE_BYTES {whole})"
+    pieces, wholes = [], []
+    for _ in range(reps):
+        wholes.append(_ingest_fresh(path, tmp, piece, 1 << 50))
+        pieces.append(_ingest_fresh(path, tmp, piece, whole))
+    assert all(r["archived"] == n for r in pieces + wholes)
+    p_s, w_s = statistics.median(r["s"] for r in pieces), statistics.median(r["s"] for r in wholes)
+    p_mb, w_mb = statistics.median(r["rss_mb"] for r in pieces), statistics.median(r["rss_mb"] for r in wholes)
+    return {"rows": n, "file_mb": round(size / 2**20, 1), "piece_mb": round(piece / 2**20, 3), "reps": reps,
+            "ingest_large_rows_per_s": n / p_s, "whole_rows_per_s": n / w_s, "ingest_large_vs_whole_speed": w_s / p_s,
+            "ingest_large_peak_rss_mb": p_mb, "whole_peak_rss_mb": w_mb, "ingest_large_vs_whole_memory": p_mb / w_mb if w_mb > 0 else None}  # None: too small to register
 
 
 # --------------------------------------------------------------------------- batch scoring
