@@ -291,7 +291,7 @@ def _discard(archive: str, sha: str, uris: list[str]) -> None:
         for u in uris:
             storage.rm(u)
         arc.clear_pending(archive, sha)
-    except Exception:  # the input's own error matters more; hidden parts are overwritten by a rerun
+    except Exception:  # the input's own error matters more; a rerun removes what is left (remove_unfinished)
         log.debug("could not remove the parts of refused input %s", sha, exc_info=True)
 
 

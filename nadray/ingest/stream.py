@@ -162,7 +162,9 @@ def iter_pieces(raw: BinaryIO, uri: str, fmt: str = "auto", piece_bytes: int | N
     stream: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw  # type: ignore[assignment]
     buf, eof = _fill(stream, bytearray(), whole + 1, uri, gz)
     if eof:  # small enough to parse whole
-        yield parse_bytes(bytes(buf), uri, fmt, local_path=None if gz else local_path)
+        data = bytes(buf)
+        buf.clear()  # not held beside its copy while the parse runs
+        yield parse_bytes(data, uri, fmt, local_path=None if gz else local_path)
         return
     if fmt == "pcap" or (fmt == "auto" and (bytes(buf[:4]) in PCAP_MAGIC or buf[:4] == PCAPNG_MAGIC)):
         # Binary: it cannot be cut at line ends, so it is parsed whole, as read_input would.
