@@ -208,3 +208,32 @@ def test_a_large_s3_object_is_read_in_pieces(s3_server, shared_data, tmp_path, m
     rep = ingest([uri], a)
     assert rep.ok and rep.archived == whole.flows.num_rows and rep.quarantined == whole.quarantined
     assert arc.count_rows(a) == whole.flows.num_rows
+
+
+@pytest.mark.parametrize("capture", [f"{SLIPS}/test7-malicious.pcap", "pcaps_chrissanders/synscan.pcapng"])
+def test_a_large_capture_is_read_from_disk_not_held(shared_data, tmp_path, monkeypatch, capture):
+    """pcap is binary, never cut: a large one is walked through a memory map and metered from
+    its file (a gzip one from a temporary copy); the flows and the truncation note are the whole
+    parse's."""
+    from nadray.ingest import pcap
+
+    src = shared_data / capture
+    cut = tmp_path / f"cut-{src.name}"
+    data = src.read_bytes()
+    cut.write_bytes(data[: len(data) * 2 // 3])  # truncated mid-record
+    gz = tmp_path / f"{src.name}.gz"
+    gz.write_bytes(gzip.compress(data))
+    from_file = []
+    real = pcap.read_file
+    monkeypatch.setattr(pcap, "read_file", lambda path, source: (from_file.append(path), real(path, source))[1])
+    for p in (src, cut, gz):
+        whole = read_input(str(p))
+        (r,) = stream.iter_input(str(p), piece_bytes=4096, whole_bytes=4096)
+        assert r.piece is None and r.format == "pcap" and r.read == whole.read
+        assert r.flows.equals(whole.flows)
+        assert _no_time(r.quarantine).equals(_no_time(whole.quarantine))
+    assert whole.flows.num_rows > 100
+    assert from_file[:2] == [str(src), str(cut)] and from_file[2] != str(gz)  # the gzip's temporary copy
+    assert not Path(from_file[2]).exists()  # removed after
+    q = read_input(str(cut)).quarantine
+    assert q.num_rows == 1 and q["reason"][0].as_py().startswith("truncated capture after packet")

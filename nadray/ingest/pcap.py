@@ -87,8 +87,9 @@ def _check_pcapng(data: bytes) -> tuple[int, str | None]:
 
 
 def read(data: bytes, source: str, path: str | None = None) -> ReadResult:
+    """A capture held in memory; ``path``: the same bytes on local disk, which nfstream reads."""
     try:
-        packets, trunc = check_capture(data)
+        _, trunc = check_capture(data)
     except ValueError as e:
         raise InputError(f"{source}: {e}") from None
     tmp = None
@@ -98,10 +99,27 @@ def read(data: bytes, source: str, path: str | None = None) -> ReadResult:
             f.write(data)
         path = tmp
     try:
-        cols = _meter(path, source)
+        return _flows(path, source, trunc)
     finally:
         if tmp:
             os.remove(tmp)
+
+
+def read_file(path: str, source: str) -> ReadResult:
+    """A capture on local disk, never held in memory: its record headers are walked through a
+    read-only memory map (pages the kernel can drop), and nfstream reads the file itself."""
+    import mmap
+
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            _, trunc = check_capture(view)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise InputError(f"{source}: {e}") from None
+    return _flows(path, source, trunc)
+
+
+def _flows(path: str, source: str, trunc: str | None) -> ReadResult:
+    cols = _meter(path, source)
     n = len(cols["ts"])
     proto_num = np.asarray(cols["protocol"], dtype=np.int64)
     has_ports = np.isin(proto_num, list(_PORT_PROTOS))

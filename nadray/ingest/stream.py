@@ -8,7 +8,8 @@ its ``source_row`` numbers are shifted by the records before it: the pieces toge
 hold the same flows, quarantine rows and counts as the whole file parsed at once.
 
 An input of at most ``WHOLE_BYTES`` (most: Zeek rotates its logs hourly) is parsed
-whole, exactly as ``read_input`` parses it. pcap is binary and is always parsed whole.
+whole, exactly as ``read_input`` parses it. pcap is binary and never cut; a large one is
+read from disk by the flow meter, not held (``_capture``).
 """
 
 from __future__ import annotations
@@ -167,8 +168,9 @@ def iter_pieces(raw: BinaryIO, uri: str, fmt: str = "auto", piece_bytes: int | N
         yield parse_bytes(data, uri, fmt, local_path=None if gz else local_path)
         return
     if fmt == "pcap" or (fmt == "auto" and (bytes(buf[:4]) in PCAP_MAGIC or buf[:4] == PCAPNG_MAGIC)):
-        # Binary: it cannot be cut at line ends, so it is parsed whole, as read_input would.
-        yield parse_bytes(bytes(buf) + read(stream, -1, uri, gz), uri, "pcap", local_path=None if gz else local_path)
+        # Binary: not cut in pieces. The flow meter reads a file, so one on local disk is
+        # read in place; any other (S3, gzip) is first copied to a local temporary file.
+        yield _capture(stream, buf, uri, None if gz else local_path, gz)
         return
     offset, piece, prefix = 0, 0, b""
     while True:
@@ -191,6 +193,27 @@ def iter_pieces(raw: BinaryIO, uri: str, fmt: str = "auto", piece_bytes: int | N
         yield _shift(res, offset, piece)
         offset += res.read
         piece += 1
+
+
+def _capture(stream: BinaryIO, head: bytearray, uri: str, local_path: str | None, gz: bool) -> ReadResult:
+    """A large pcap/pcapng through the flow meter without holding it: ``head`` is what was read."""
+    import os
+    import tempfile
+
+    from nadray.ingest import pcap
+
+    if local_path is not None:
+        return pcap.read_file(local_path, uri)
+    fd, tmp = tempfile.mkstemp(suffix=".pcap", prefix="nadray-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(head)
+            head.clear()
+            while chunk := read(stream, PIECE_BYTES, uri, gz):
+                out.write(chunk)
+        return pcap.read_file(tmp, uri)
+    finally:
+        os.remove(tmp)
 
 
 def _fill(stream: BinaryIO, buf: bytearray, n: int, uri: str, gz: bool) -> tuple[bytearray, bool]:
