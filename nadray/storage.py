@@ -161,6 +161,20 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+def sha256(uri: str, block: int = 8 << 20) -> tuple[str, int]:
+    """(sha256 hex digest, size in bytes) of ``uri``, read ``block`` bytes at a time, never held."""
+    import hashlib
+
+    fs, path = get_fs(uri)
+    h = hashlib.sha256()
+    n = 0
+    with unreachable_as_error(uri, "read"), fs.open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+            n += len(chunk)
+    return h.hexdigest(), n
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write so that readers see the old object or the whole new one, never a part.
 

@@ -37,6 +37,15 @@ def model_ref(tmp_path_factory, shared_data):
     return reg
 
 
+def _same_scores_as_whole_input(got: pd.DataFrame, scorer: Scorer, flows: pa.Table) -> pd.DataFrame:
+    """``got`` (written scores) has one row per flow of ``flows``, scored as one
+    ``score_table`` over the whole input scores it; the two merged, for further checks."""
+    merged = got.merge(scorer.score_table(flows), on=["source", "source_row"], suffixes=("", "_ref"))
+    assert len(merged) == flows.num_rows
+    np.testing.assert_allclose(merged.score, merged.score_ref, rtol=1e-5, atol=1e-6)
+    return merged
+
+
 @pytest.mark.parametrize("driver_rows,path", [(None, "driver"), (0, "ray-data"), ("blocks", "driver")])
 def test_score_raw_files(ray_session, model_ref, shared_data, tmp_path, monkeypatch, caplog, driver_rows, path):
     """Every path (small inputs in the driver; large ones with Ray Data, or in the driver in
@@ -104,10 +113,7 @@ def test_one_connected_capture_still_splits_into_blocks_with_the_same_scores(mod
     got = pq.read_table(str(tmp_path / "s")).to_pandas()
     # A file per block with flows of its own, then one of the merged split flows.
     assert report.rows_scored == len(got) == flows.num_rows and 2 <= len(report.files) <= 3
-    ref = scorer.score_table(flows)
-    merged = got.merge(ref, on=["source", "source_row"], suffixes=("", "_ref"))
-    assert len(merged) == flows.num_rows
-    np.testing.assert_allclose(merged.score, merged.score_ref, rtol=1e-5, atol=1e-6)
+    merged = _same_scores_as_whole_input(got, scorer, flows)
     assert (merged.entity == merged.entity_ref).mean() > 0.99  # only near-ties may pick the other side
 
 
@@ -143,10 +149,7 @@ def test_an_input_too_large_to_hold_is_spilled_with_the_same_scores(ray_session,
     flows = pa.concat_tables([read_input(p).flows for p in paths])
     got = pq.read_table(str(tmp_path / "s")).to_pandas()
     assert report.rows_scored == len(got) == flows.num_rows == report.read
-    ref = Scorer.from_ref(model_ref).score_table(flows)
-    merged = got.merge(ref, on=["source", "source_row"], suffixes=("", "_ref"))
-    assert len(merged) == flows.num_rows
-    np.testing.assert_allclose(merged.score, merged.score_ref, rtol=1e-5, atol=1e-6)
+    _same_scores_as_whole_input(got, Scorer.from_ref(model_ref), flows)
 
 
 def test_one_file_too_large_to_hold_is_read_and_spilled_a_piece_at_a_time(model_ref, shared_data, tmp_path,
@@ -169,10 +172,7 @@ def test_one_file_too_large_to_hold_is_read_and_spilled_a_piece_at_a_time(model_
     assert len(added) > 2 and max(added) < flows.num_rows and sum(added) == flows.num_rows
     got = pq.read_table(str(tmp_path / "s")).to_pandas()
     assert report.rows_scored == len(got) == flows.num_rows == report.read
-    ref = Scorer.from_ref(model_ref).score_table(flows)
-    merged = got.merge(ref, on=["source", "source_row"], suffixes=("", "_ref"))
-    assert len(merged) == flows.num_rows
-    np.testing.assert_allclose(merged.score, merged.score_ref, rtol=1e-5, atol=1e-6)
+    _same_scores_as_whole_input(got, Scorer.from_ref(model_ref), flows)
 
 
 @pytest.mark.parametrize("spill_rows", [10**9, 150])

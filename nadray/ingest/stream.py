@@ -39,8 +39,6 @@ PIECE_BYTES = 16 << 20
 # existed: most logs are smaller (Zeek rotates hourly), and a whole parse skips the
 # second read for the hash and the per-piece parts in the archive.
 WHOLE_BYTES = 64 << 20
-# Bytes per read when hashing a file too large to hold: the size of s3fs's own blocks.
-_HASH_BLOCK = 8 << 20
 _GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
 _TEXT = re.compile(rb"\S")
 
@@ -92,13 +90,8 @@ def size(uri: str) -> int:
 
 def sha256(uri: str) -> str:
     """Content hash of ``uri``, read a block at a time (never held whole)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open_raw(uri) as f:
-        while block := read(f, _HASH_BLOCK, uri):
-            h.update(block)
-    return h.hexdigest()
+    with _as_input_error(uri):
+        return storage.sha256(uri)[0]
 
 
 def read(f: BinaryIO, n: int, uri: str, gz: bool = False) -> bytes:

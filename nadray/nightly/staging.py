@@ -21,7 +21,6 @@ A night never writes into the main archive until it has decided about promotion:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import posixpath
@@ -62,20 +61,6 @@ def files_quarantine_uri(archive: str) -> str:
     return storage.join(arc.quarantine_uri(archive), FILES_QUARANTINE)
 
 
-def _sha256(uri: str) -> tuple[str, int]:
-    fs, path = storage.get_fs(uri)
-    h = hashlib.sha256()
-    n = 0
-    with storage.unreachable_as_error(uri, "read"), fs.open(path, "rb") as f:
-        while True:
-            chunk = f.read(1 << 20)
-            if not chunk:
-                break
-            h.update(chunk)
-            n += len(chunk)
-    return h.hexdigest(), n
-
-
 def list_landing(landing: str) -> list[str]:
     """Files under ``landing`` (recursive), hidden and ``_``-prefixed names left out, sorted."""
     fs, path = storage.get_fs(landing)
@@ -92,7 +77,7 @@ def scan_landing(landing: str, archive: str) -> list[LandingFile]:
     qdir = files_quarantine_uri(archive)
     out = []
     for uri in list_landing(landing):
-        sha, size = _sha256(uri)
+        sha, size = storage.sha256(uri)
         if arc.has_manifest(archive, sha):
             status = "archived"
         elif storage.exists(storage.join(qdir, f"{sha}.json")):
