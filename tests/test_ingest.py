@@ -381,6 +381,26 @@ def test_pcap_and_pcapng(shared_data, tmp_path):
     assert "tcp" in espn["proto"].to_pylist()
 
 
+def test_capture_without_ip_flows_says_why(shared_data, tmp_path):
+    """An ARP-only or 802.11 capture gives no flow; "read 0" alone would look like a lost file."""
+    arp = shared_data / "pcaps_ntopng_e2e" / "arp_spoofing.pcap"
+    wifi = shared_data / "pcaps_chrissanders" / "80211beacon.pcapng"
+    empty = tmp_path / "empty.pcap"
+    empty.write_bytes((shared_data / SLIPS / "test7-malicious.pcap").read_bytes()[:24])  # global header only
+    rep = ingest([str(arp), str(wifi), str(empty)], str(tmp_path / "a"))
+    assert rep.ok, rep.failed_inputs
+    assert [(f.status, f.read) for f in rep.files] == [("ingested", 0)] * 3
+    from nadray.ingest.pcap import check_capture
+
+    n_arp = check_capture(arp.read_bytes())[0]
+    assert n_arp > 1000
+    assert rep.files[0].notes == [f"no IP flow in its {n_arp} packets: the flow meter reads IPv4 and IPv6 only, "
+                                  f"so ARP or 802.11 management frames make none"]
+    assert rep.files[1].notes[0].startswith("no IP flow in its 1 packet:")
+    assert rep.files[2].notes == ["the capture holds no packets"]
+    assert "no IP flow in its" in rep.summary()
+
+
 def test_truncated_pcap(shared_data, tmp_path):
     src = shared_data / SLIPS / "test-cc" / "test-cc-capture-1.pcap"
     data = src.read_bytes()

@@ -89,7 +89,7 @@ def _check_pcapng(data: bytes) -> tuple[int, str | None]:
 def read(data: bytes, source: str, path: str | None = None) -> ReadResult:
     """A capture held in memory; ``path``: the same bytes on local disk, which nfstream reads."""
     try:
-        _, trunc = check_capture(data)
+        packets, trunc = check_capture(data)
     except ValueError as e:
         raise InputError(f"{source}: {e}") from None
     tmp = None
@@ -99,7 +99,7 @@ def read(data: bytes, source: str, path: str | None = None) -> ReadResult:
             f.write(data)
         path = tmp
     try:
-        return _flows(path, source, trunc)
+        return _flows(path, source, packets, trunc)
     finally:
         if tmp:
             os.remove(tmp)
@@ -112,13 +112,13 @@ def read_file(path: str, source: str) -> ReadResult:
 
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
-            _, trunc = check_capture(view)  # type: ignore[arg-type]
+            packets, trunc = check_capture(view)  # type: ignore[arg-type]
     except ValueError as e:
         raise InputError(f"{source}: {e}") from None
-    return _flows(path, source, trunc)
+    return _flows(path, source, packets, trunc)
 
 
-def _flows(path: str, source: str, trunc: str | None) -> ReadResult:
+def _flows(path: str, source: str, packets: int, trunc: str | None) -> ReadResult:
     cols = _meter(path, source)
     n = len(cols["ts"])
     proto_num = np.asarray(cols["protocol"], dtype=np.int64)
@@ -140,7 +140,17 @@ def _flows(path: str, source: str, trunc: str | None) -> ReadResult:
     res = assemble(source, FORMAT, n, np.arange(n, dtype=np.int64), out, None, None, bad)
     if trunc:
         res.notes.append(trunc)
+    if n == 0 and (packets or not trunc):  # "read 0" alone would look like a lost file
+        res.notes.append(_no_flows_note(packets))
     return res
+
+
+def _no_flows_note(packets: int) -> str:
+    """Why a capture gave no flow: it is empty, or none of its packets is IP."""
+    if packets == 0:
+        return "the capture holds no packets"
+    return (f"no IP flow in its {packets} packet{'s' if packets != 1 else ''}: the flow meter reads IPv4 and "
+            f"IPv6 only, so ARP or 802.11 management frames make none")
 
 
 def _meter(path: str, source: str) -> dict[str, list]:
