@@ -26,6 +26,7 @@ A failed run removes the files it wrote. All paths give the same rows and scores
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -62,12 +63,14 @@ class ScoreReport:
     seconds: float = 0.0
     path: str = ""  # "driver" (one Scorer, pyarrow write) or "ray-data" (actor pool)
     files: list[str] = field(default_factory=list)  # the Parquet files this call wrote
+    skipped: list[str] = field(default_factory=list)  # "<file>: <why>" for files in folders that are no flow log
 
     def summary(self) -> str:
         rate = self.rows_scored / self.seconds if self.seconds else 0.0
         return (f"scored {self.rows_scored} rows with model {self.model_version} -> {self.output}\n"
                 f"read {self.read}, quarantined {self.quarantined}, anomalies {self.anomalies} "
-                f"({100.0 * self.anomalies / max(1, self.rows_scored):.2f}%), {self.seconds:.1f} s ({rate:,.0f} rows/s)")
+                f"({100.0 * self.anomalies / max(1, self.rows_scored):.2f}%), {self.seconds:.1f} s ({rate:,.0f} rows/s)"
+                + "".join(f"\n  skipped {s}" for s in self.skipped))
 
 
 class _ScorerActor:
@@ -195,25 +198,17 @@ def _available_cpus() -> float | None:
     return float(os.cpu_count() or 1)
 
 
-def _expand(inputs: list[str]) -> list[str]:
-    """Files named directly, plus the files inside named folders (sorted, hidden ones skipped)."""
-    out = []
-    for p in inputs:
-        fs, path = storage.get_fs(p)
-        with storage.unreachable_as_error(p, "list"):
-            if fs.isdir(path):
-                names = [n for n in storage.ls(p) if not n.startswith((".", "_"))]
-                out.extend(storage.join(p, n) for n in names if not fs.isdir(storage.get_fs(storage.join(p, n))[1]))
-            elif fs.exists(path):
-                out.append(p)
-            else:
-                raise InputError(f"input {p}: not found")
-    return out
+def _expand(inputs: list[str]) -> list[tuple[str, bool]]:
+    """(file, found in a folder) for each input, found as ``nadray ingest`` finds them (folders recursive)."""
+    from nadray.ingest.core import input_files
+
+    return [f for p in inputs for f in input_files(p)]
 
 
-def read_pieces(inputs: list[str], fmt: str) -> Iterator[tuple[pa.Table, int, int]]:
+def read_pieces(inputs: list[str], fmt: str, skipped: list[str]) -> Iterator[tuple[pa.Table, int, int]]:
     """(flows as FLOW_SCHEMA, records read, records quarantined) per input file (or piece of a large one)
-    or archive partition."""
+    or archive partition. As in ingest, a file found in a folder that is no flow log (Zeek's dns.log
+    beside its conn.log) is skipped with ``fmt="auto"``: its "<file>: <why>" goes to ``skipped``."""
     from nadray.schema import FLOW_SCHEMA
 
     if fmt == "archive":
@@ -226,10 +221,19 @@ def read_pieces(inputs: list[str], fmt: str) -> Iterator[tuple[pa.Table, int, in
                 t = read_flows(a, paths=[p])
                 yield t, t.num_rows, 0
     else:
+        from nadray.ingest.core import EmptyInput, NotAFlowLog, UnknownFormat
         from nadray.ingest.stream import iter_input
 
-        for path in _expand(inputs):
-            for r in iter_input(path, fmt):  # a large file a piece at a time
+        for path, from_folder in _expand(inputs):
+            pieces = iter_input(path, fmt)  # a large file a piece at a time
+            try:
+                first = next(pieces, None)
+            except (NotAFlowLog, UnknownFormat, EmptyInput) as e:
+                if fmt != "auto" or not from_folder:
+                    raise
+                skipped.append(f"{path}: {'not a flow log' if isinstance(e, NotAFlowLog) else 'unrecognised format'}")
+                continue
+            for r in itertools.chain([first] if first else [], pieces):
                 # records, not whole-file notes (as ingest counts)
                 yield r.flows.cast(FLOW_SCHEMA), int(r.read), int(r.quarantined)
 
@@ -259,7 +263,8 @@ def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto",
     with Spill(scorer.encoder) as spill:
         held: list[pa.Table] = []
         read = quarantined = n_in = 0
-        for t, r, q in read_pieces(inputs, fmt):
+        skipped: list[str] = []
+        for t, r, q in read_pieces(inputs, fmt, skipped):
             read, quarantined, n_in = read + r, quarantined + q, n_in + t.num_rows
             held.append(t)
             if n_in > blocks.SPILL_ROWS:  # too large to hold: to local disk, a piece at a time
@@ -267,9 +272,10 @@ def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto",
                     spill.add(h)
                 held = []
         report = ScoreReport(output=output, model_version=scorer.version, read=read, quarantined=quarantined,
-                             inputs=list(inputs))
+                             inputs=list(inputs), skipped=skipped)
         if n_in == 0:
-            raise NadrayError(f"score: inputs {inputs} hold no readable records ({quarantined} quarantined)")
+            raise NadrayError(f"score: inputs {inputs} hold no readable records ({quarantined} quarantined"
+                              f"{f', {len(skipped)} files skipped as not flow logs' if skipped else ''})")
         log.info("score: %d records read, %d quarantined, in %.1f s%s; scoring with model %s", read, quarantined,
                  time.time() - t0, f" (spilled to {spill.dir})" if spill.rows else "", scorer.version)
         flows = None if spill.rows else sort_flows(pa.concat_tables(held))

@@ -338,6 +338,6 @@ def test_s3_outage_mid_score_fails_clearly_and_names_what_it_left(s3, shared_dat
     assert len(left) == 1 and left[0].startswith(prefix), (prefix, left)
     monkeypatch.setattr(Scorer, "score_table", real)
     report = score_mod.score(reg, paths, out)
-    assert report.rows_scored == report.read == sum(t.num_rows for t, _, _ in score_mod.read_pieces(paths, "auto"))
+    assert report.rows_scored == report.read == sum(t.num_rows for t, _, _ in score_mod.read_pieces(paths, "auto", []))
     # A file per block, and one of the flows two blocks hold.
     assert len(report.files) == 5 and not any(prefix in f for f in report.files)

@@ -11,6 +11,7 @@ import torch
 
 from nadray import registry
 from nadray.config import load_config
+from nadray.errors import NadrayError
 from nadray.features import FeatureEncoder
 from nadray.model import EventLSTM, ModelArgs
 from nadray.scorer import Scorer
@@ -290,3 +291,33 @@ def test_score_counts_only_its_own_files(model_ref, shared_data, tmp_path):
     assert first.rows_scored == second.rows_scored == first.read
     assert set(first.files).isdisjoint(second.files)
     assert pq.read_table(out).num_rows == 2 * first.rows_scored
+
+
+def test_a_zeek_log_folder_is_scored_as_ingest_reads_it(model_ref, shared_data, tmp_path):
+    """A Zeek log folder holds dns.log, ssl.log... beside conn.log, and rotated days in subfolders:
+    scoring it finds the files ingest finds (recursive), skips and names the logs that are not
+    flow logs, and scores the flow logs as if they were named alone. A file named directly that is
+    not a flow log is still an error."""
+    import shutil
+
+    from nadray.errors import InputError
+    from nadray.score import score
+
+    zeek = shared_data / "stratosphere_slips_testdata" / "test9-mixed-zeek-dir"
+    day = tmp_path / "logs" / "2026-11-27"
+    day.mkdir(parents=True)
+    for name in ["conn.log", "dns.log", "ssl.log"]:
+        shutil.copy(zeek / name, day / name)
+    report = score(model_ref, [str(tmp_path / "logs")], str(tmp_path / "s"))
+    assert sorted(report.skipped) == [f"{day / 'dns.log'}: not a flow log", f"{day / 'ssl.log'}: not a flow log"]
+    assert f"skipped {day / 'dns.log'}: not a flow log" in report.summary()
+    alone = score(model_ref, [str(day / "conn.log")], str(tmp_path / "alone"))
+    assert report.read == report.rows_scored == alone.rows_scored > 0 and not alone.skipped
+    got = pq.read_table(str(tmp_path / "s")).to_pandas().sort_values("source_row", ignore_index=True)
+    want = pq.read_table(str(tmp_path / "alone")).to_pandas().sort_values("source_row", ignore_index=True)
+    np.testing.assert_array_equal(got.score, want.score)
+    with pytest.raises(InputError, match="dns.log: not a flow log"):
+        score(model_ref, [str(day / "dns.log")], str(tmp_path / "o"))
+    (day / "conn.log").unlink()
+    with pytest.raises(NadrayError, match="no readable records .*2 files skipped as not flow logs"):
+        score(model_ref, [str(tmp_path / "logs")], str(tmp_path / "o"))

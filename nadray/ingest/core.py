@@ -180,23 +180,30 @@ class IngestReport:
 # ----------------------------------------------------------------------------- ingest
 
 
+def input_files(inp: str, exclude: str | None = None) -> list[tuple[str, bool]]:
+    """The files one input names, as (URI, found in a folder): the file itself, or every visible
+    file under the folder (recursive, sorted: ``storage.visible_files``) but ``exclude`` and what
+    is under it. Raises InputError naming ``inp`` when there is none, StorageError when its
+    storage cannot be reached."""
+    with storage.unreachable_as_error(inp, "list"):
+        fs, path = storage.get_fs(inp)
+        if not fs.exists(path):
+            raise InputError(f"{inp}: no such file or folder")
+        if not fs.isdir(path):
+            return [(inp, False)]
+        skip = storage.get_fs(exclude)[1].rstrip("/") if exclude else None
+        found = [(uri, True) for p, uri in storage.visible_files(inp)
+                 if not (skip and (p == skip or p.startswith(skip + "/")))]
+    if not found:
+        raise InputError(f"{inp}: folder holds no files")
+    return found
+
+
 def _expand(inp: str, archive: str) -> tuple[list[tuple[str, bool]], str | None]:
-    """Files named by one input: [(uri, from_folder)], or an error message."""
+    """``input_files`` for ingest, never the archive itself; an error as its one-line message."""
     try:
-        with storage.unreachable_as_error(inp, "list"):
-            fs, path = storage.get_fs(inp)
-            if not fs.exists(path):
-                return [], f"{inp}: no such file or folder"
-            if not fs.isdir(path):
-                return [(inp, False)], None
-            _, arch_path = storage.get_fs(archive)
-            # Never ingest the archive into itself.
-            found = [(uri, True) for p, uri in storage.visible_files(inp)
-                     if not (p == arch_path or p.startswith(arch_path.rstrip("/") + "/"))]
-            if not found:
-                return [], f"{inp}: folder holds no files"
-            return found, None
-    except StorageError as e:  # already one line naming the URI
+        return input_files(inp, exclude=archive), None
+    except NadrayError as e:  # InputError, StorageError: one line naming the URI
         return [], str(e)
     except (OSError, ValueError) as e:
         return [], f"{inp}: cannot list: {type(e).__name__}: {e}"
