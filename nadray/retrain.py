@@ -70,10 +70,13 @@ class NightReport:
         ing = (r.get("ingest") or {}).get("counts")
         if ing:
             lines.append(f"  ingest: {ing.get('files', 0)} new files, {ing.get('archived', 0)} rows archived, "
-                         f"{ing.get('quarantined_rows', 0)} rows quarantined, {ing.get('files_refused', 0)} files refused")
+                         f"{ing.get('quarantined_rows', 0)} rows quarantined, {ing.get('files_refused', 0)} files refused"
+                         + (f", {ing['other_logs']} other logs skipped" if ing.get("other_logs") else ""))
         for ref in (r.get("ingest") or {}).get("refused", []):
             reason = str(ref["reason"])
             lines.append(f"  refused: {reason if reason.startswith(ref['source']) else ref['source'] + ': ' + reason}")
+        for o in (r.get("ingest") or {}).get("other_logs", []):
+            lines.append(f"  skipped: {o['source']}: {o['reason']}")
         if r.get("challenger_version"):
             lines.append(f"  challenger {r['challenger_version']} (warm start: "
                          f"{(r.get('warm_start') or {}).get('used')})")
@@ -185,7 +188,8 @@ def retrain(landing: str, archive: str, registry: str, date: str | None = None, 
             files = staging.scan_landing(landing, archive)
             new = [f for f in files if f.status == "new"]
             c.update(files=len(files), new=len(new), archived=sum(f.status == "archived" for f in files),
-                     quarantined=sum(f.status == "quarantined" for f in files))
+                     quarantined=sum(f.status == "quarantined" for f in files),
+                     other_logs=sum(f.status == "other log" for f in files))
             record["landing"] = staging.as_dicts(files)
         prev = night_report.read_night(registry, name, date)
         if prev and prev.get("status") == "complete" and not new:
@@ -197,10 +201,10 @@ def retrain(landing: str, archive: str, registry: str, date: str | None = None, 
             st = staging.stage(new, archive, date)
             c.update(st.counts())
             record["ingest"] = {"staging": st.staging, "counts": st.counts(), "refused": st.refused,
-                                "failed_inputs": list(st.ingest.failed_inputs)}
+                                "other_logs": st.other_logs, "failed_inputs": list(st.ingest.failed_inputs)}
             ingested = [fr.source for fr in st.ingest.files if fr.status == "ingested"]
             by_uri = {f.uri: f.sha256 for f in new}
-            shas = [by_uri[u] for u in ingested if u in by_uri] + [r["sha256"] for r in st.refused]
+            shas = [by_uri[u] for u in ingested if u in by_uri] + [r["sha256"] for r in st.refused + st.other_logs]
             record["inputs"] = sorted(set(shas))
             record["key"] = night_key(date, shas)
 

@@ -191,6 +191,43 @@ def test_a_night_with_nothing_readable_says_so(tmp_path):
     assert "and its staging; they hold no flows" in report.summary(), report.summary()
 
 
+def test_a_zeek_sensors_other_logs_are_passed_by_not_refused(tmp_path, shared_data):
+    """A Zeek sensor ships dns.log, ssl.log... beside conn.log. They are logs, not damaged flow
+    logs: recorded once and passed by on later nights, never copied into the quarantine or
+    counted as refused. A file that is no log at all is still refused whole."""
+    zeek = shared_data / "stratosphere_slips_testdata" / "test9-mixed-zeek-dir"
+    landing, archive = tmp_path / "landing", str(tmp_path / "archive")
+    sensor = landing / "sensor1" / "2019-01-10"
+    sensor.mkdir(parents=True)
+    for name in ["dns.log", "ssl.log"]:
+        shutil.copyfile(zeek / name, sensor / name)
+    _land(landing, "CTU-Malware-Capture-44-1")
+    (landing / "notes.txt").write_text("span port moved to the core switch\n")
+    files = staging.scan_landing(str(landing), archive)
+    assert [f.status for f in files] == ["new"] * 4
+    st = staging.stage([f for f in files if f.status == "new"], archive, "2019-01-10")
+    assert sorted(Path(o["source"]).name for o in st.other_logs) == ["dns.log", "ssl.log"]
+    assert [Path(r["source"]).name for r in st.refused] == ["notes.txt"]
+    assert st.counts()["other_logs"] == 2 and st.counts()["files_refused"] == 1 and st.counts()["archived"] == 237
+    assert [Path(m.split(":")[0]).name for m in st.ingest.failed_inputs] == ["notes.txt"]  # the others passed by
+    assert staging.commit(archive, "2019-01-10")["other_logs"] == 2
+    kept = sorted(p.name for p in (Path(archive) / "_quarantine" / "files").iterdir())
+    assert len(kept) == 2 and any(k.endswith("-notes.txt") for k in kept)  # the notes' bytes and record only
+    status = {Path(f.uri).name: f.status for f in staging.scan_landing(str(landing), archive)}
+    assert status == {"dns.log": "other log", "ssl.log": "other log", "notes.txt": "quarantined",
+                      datasets.path("iot23-CTU-Malware-Capture-44-1").name: "archived"}
+    assert arc.count_rows(archive) == 237
+    # The night's summary names them as skipped, apart from the refused file.
+    landing2, archive2 = tmp_path / "landing2", str(tmp_path / "archive2")
+    shutil.copytree(landing, landing2)
+    report = retrain(str(landing2), archive2, str(tmp_path / "registry"), date="2026-11-26",
+                     cfg=load_config(None, []))
+    text = report.summary()
+    assert "1 files refused, 2 other logs skipped" in text, text
+    assert f"skipped: {landing2 / sensor.relative_to(landing) / 'dns.log'}: not a flow log" in text, text
+    assert "refused: " + str(landing2 / "notes.txt") in text, text
+
+
 # --------------------------------------------------------------------------- drift (no Train fit)
 
 

@@ -219,7 +219,8 @@ def _under(uri: str, roots: list[str]) -> bool:
 
 
 def _ingest_one(uri: str, from_folder: bool, archive: str, fmt: str, quarantine: str | None,
-                piece_bytes: int | None = None, whole_bytes: int | None = None) -> FileReport:
+                piece_bytes: int | None = None, whole_bytes: int | None = None,
+                skip_other_logs: bool = False) -> FileReport:
     piece_bytes, whole = stream.sizes(piece_bytes, whole_bytes)
     if stream.size(uri) <= whole:  # held anyway: one read gives the hash and the records
         raw = load_bytes(uri)
@@ -239,7 +240,7 @@ def _ingest_one(uri: str, from_folder: bool, archive: str, fmt: str, quarantine:
         try:
             first = next(pieces)
         except NotAFlowLog:
-            if fmt == "auto" and from_folder:
+            if fmt == "auto" and (from_folder or skip_other_logs):
                 return FileReport(uri, "skipped: not a flow log")
             raise
         except (UnknownFormat, EmptyInput):
@@ -302,7 +303,8 @@ def _discard(archive: str, sha: str, uris: list[str]) -> None:
         log.debug("could not remove the parts of refused input %s", sha, exc_info=True)
 
 
-def ingest(inputs: list[str], archive: str, fmt: str = "auto", quarantine: str | None = None) -> IngestReport:
+def ingest(inputs: list[str], archive: str, fmt: str = "auto", quarantine: str | None = None,
+           skip_other_logs: bool = False) -> IngestReport:
     """Read files and folders into the archive; bad records go to the quarantine.
 
     Parameters
@@ -312,6 +314,9 @@ def ingest(inputs: list[str], archive: str, fmt: str = "auto", quarantine: str |
     archive : archive root (local folder or ``s3://bucket/prefix``).
     fmt : ``auto`` (detect per file from content) or one of ``FORMATS``.
     quarantine : where quarantined records go (default ``<archive>/_quarantine``).
+    skip_other_logs : skip a file named directly that is a log of another kind (Zeek
+        ``dns.log``), as in a folder, instead of failing it: the nightly job names the
+        landing folder's new files one by one.
 
     Returns an :class:`IngestReport`; ``ok`` is False when some input could not be
     read at all (its one-line message is in ``failed_inputs``).
@@ -335,7 +340,7 @@ def ingest(inputs: list[str], archive: str, fmt: str = "auto", quarantine: str |
         for uri, from_folder in files:
             t1 = time.perf_counter()
             try:
-                fr = _ingest_one(uri, from_folder, str(archive), fmt, quarantine)
+                fr = _ingest_one(uri, from_folder, str(archive), fmt, quarantine, skip_other_logs=skip_other_logs)
             except StorageError as e:
                 fr = FileReport(uri, "failed", message=f"{uri}: {e}")
                 report.failed_inputs.append(fr.message)

@@ -152,7 +152,8 @@ def render(night: dict[str, Any], images: dict[str, str]) -> str:
         files = night.get("landing") or []
         sections.append(("Ingest", [ing.get("counts") or {}, Table(files, ["uri", "status", "sha256", "size"])
                                     if files else "no landing files",
-                                    [f"refused whole: {r['reason']}" for r in ing.get("refused", [])]]))
+                                    [f"refused whole: {r['reason']}" for r in ing.get("refused", [])]
+                                    + [f"skipped: {r['source']}: {r['reason']}" for r in ing.get("other_logs", [])]]))
     steps = night.get("steps") or []
     if steps:
         sections.append(("Steps", Table([{"step": s["name"], "seconds": s.get("seconds"),

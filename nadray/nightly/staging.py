@@ -3,12 +3,15 @@
 A night never writes into the main archive until it has decided about promotion:
 
 1. :func:`scan_landing` hashes every landing file and sorts them into *new*,
-   *archived* (its content sha is in the main archive's manifest) and
-   *quarantined* (a whole file refused on an earlier night).
+   *archived* (its content sha is in the main archive's manifest),
+   *quarantined* (a whole file refused on an earlier night) and *other log* (a log
+   of another kind, such as the ``dns.log`` a Zeek sensor ships beside its
+   ``conn.log``, seen on an earlier night).
 2. :func:`stage` ingests only the new files into ``<archive>/_staging/<date>/``
    (an ordinary archive: parts, quarantine, manifest). The ``_`` prefix hides it
    from every reader of the main archive. A file that cannot be read at all is
-   kept whole under the staging quarantine with its reason.
+   kept whole under the staging quarantine with its reason; a log of another kind
+   is only recorded (``_other_logs/<sha>.json``), neither copied nor counted as refused.
 3. :func:`load_window` reads main + staged parts of the window.
 4. :func:`commit` copies staged parts into the main archive, then the whole-file
    quarantines, then the manifest entries (last: an input counts as archived only
@@ -41,6 +44,10 @@ STAGING_DIR = "_staging"
 # Whole input files refused by ingest (not a flow log, broken gzip, ...): the raw bytes
 # as <sha>-<name> and a <sha>.json record (written last) with the reason.
 FILES_QUARANTINE = "files"
+# Landing files that are logs of another kind (Zeek dns.log, ssl.log...): a <sha>.json record
+# each, so later nights pass them by. Not quarantined: nothing is wrong with them, and a Zeek
+# sensor's other logs together are often larger than its conn.log.
+OTHER_LOGS = "_other_logs"
 
 
 @dataclass
@@ -50,7 +57,7 @@ class LandingFile:
     uri: str
     sha256: str
     size: int
-    status: str  # "new", "archived" (sha in the manifest), "quarantined" (refused earlier)
+    status: str  # "new", "archived" (sha in the manifest), "quarantined" (refused earlier), "other log"
 
 
 def staging_uri(archive: str, date: str) -> str:
@@ -59,6 +66,10 @@ def staging_uri(archive: str, date: str) -> str:
 
 def files_quarantine_uri(archive: str) -> str:
     return storage.join(arc.quarantine_uri(archive), FILES_QUARANTINE)
+
+
+def other_logs_uri(archive: str) -> str:
+    return storage.join(archive, OTHER_LOGS)
 
 
 def list_landing(landing: str) -> list[str]:
@@ -74,7 +85,7 @@ def list_landing(landing: str) -> list[str]:
 
 def scan_landing(landing: str, archive: str) -> list[LandingFile]:
     """Hash every landing file; mark what the main archive already holds or refused."""
-    qdir = files_quarantine_uri(archive)
+    qdir, odir = files_quarantine_uri(archive), other_logs_uri(archive)
     out = []
     for uri in list_landing(landing):
         sha, size = storage.sha256(uri)
@@ -82,6 +93,8 @@ def scan_landing(landing: str, archive: str) -> list[LandingFile]:
             status = "archived"
         elif storage.exists(storage.join(qdir, f"{sha}.json")):
             status = "quarantined"
+        elif storage.exists(storage.join(odir, f"{sha}.json")):
+            status = "other log"
         else:
             status = "new"
         out.append(LandingFile(uri, sha, size, status))
@@ -90,33 +103,39 @@ def scan_landing(landing: str, archive: str) -> list[LandingFile]:
 
 @dataclass
 class StageResult:
-    """What staging ingested: the ingest report, the whole files refused, counts."""
+    """What staging ingested: the ingest report, the whole files refused, the other logs, counts."""
 
     staging: str
     ingest: Any  # nadray.ingest.IngestReport
     refused: list[dict[str, Any]]
+    other_logs: list[dict[str, Any]]
 
     def counts(self) -> dict[str, int]:
         r = self.ingest
         return {"files": len(r.files), "read": r.read, "archived": r.archived, "quarantined_rows": r.quarantined,
-                "skipped": r.skipped, "files_refused": len(self.refused)}
+                "skipped": r.skipped, "files_refused": len(self.refused), "other_logs": len(self.other_logs)}
 
 
 def stage(new_files: list[LandingFile], archive: str, date: str) -> StageResult:
-    """Ingest ``new_files`` into a fresh ``<archive>/_staging/<date>/``; refused files kept whole."""
+    """Ingest ``new_files`` into a fresh ``<archive>/_staging/<date>/``; refused files kept whole,
+    logs of another kind recorded."""
     from nadray.ingest import ingest
 
     st = staging_uri(archive, date)
     storage.rm(st, recursive=True)  # leftovers of an interrupted run: redone from the landing files
     storage.makedirs(st)
-    report = ingest([f.uri for f in new_files], st)
+    report = ingest([f.uri for f in new_files], st, skip_other_logs=True)
     by_uri = {f.uri: f for f in new_files}
-    refused = []
+    refused, other = [], []
     for fr in report.files:
-        if fr.status != "ingested" and fr.status != "already ingested":
-            f = by_uri.get(fr.source)
-            if f is None:
-                continue
+        f = by_uri.get(fr.source)
+        if f is None or fr.status in ("ingested", "already ingested"):
+            continue
+        if fr.status == "skipped: not a flow log":
+            rec = {"sha256": f.sha256, "source": f.uri, "size": f.size, "reason": "not a flow log", "night": date}
+            storage.write_json_atomic(storage.join(other_logs_uri(st), f"{f.sha256}.json"), rec)
+            other.append(rec)
+        else:
             reason = fr.message or fr.status
             name = posixpath.basename(f.uri.rstrip("/")) or "input"
             qdir = files_quarantine_uri(st)
@@ -126,7 +145,7 @@ def stage(new_files: list[LandingFile], archive: str, date: str) -> StageResult:
             storage.write_json_atomic(storage.join(qdir, f"{f.sha256}.json"), rec)
             refused.append(rec)
             log.warning("landing file %s refused and kept whole for the quarantine: %s", f.uri, reason)
-    return StageResult(st, report, refused)
+    return StageResult(st, report, refused, other)
 
 
 def window_paths(archive: str, date: str, start: Any, end: Any) -> list[str]:
@@ -191,7 +210,7 @@ def commit(archive: str, date: str) -> dict[str, int]:
     """Move what was staged for ``date`` into the main archive (parts first, manifest last)."""
     st = staging_uri(archive, date)
     if not storage.exists(st):
-        return {"inputs": 0, "parts": 0, "files_refused": 0}
+        return {"inputs": 0, "parts": 0, "files_refused": 0, "other_logs": 0}
     entries = arc.list_manifest(st)
     n_parts = 0
     final: list[dict[str, Any]] = []
@@ -223,6 +242,9 @@ def commit(archive: str, date: str) -> dict[str, int]:
             _copy(storage.join(qsrc, n), storage.join(qdst, n))
     for n in records:
         _copy(storage.join(qsrc, n), storage.join(qdst, n))
+    other = [n for n in storage.ls(other_logs_uri(st)) if n.endswith(".json") and not n.startswith(".")]
+    for n in other:
+        _copy(storage.join(other_logs_uri(st), n), storage.join(other_logs_uri(archive), n))
     for e in final:
         arc.write_manifest(archive, e["sha256"], e)
         try:
@@ -231,7 +253,7 @@ def commit(archive: str, date: str) -> dict[str, int]:
             log.debug("could not remove the pending marker of %s", e["sha256"], exc_info=True)
     storage.rm(st, recursive=True)
     _remove_empty_parent(archive)
-    return {"inputs": len(final), "parts": n_parts, "files_refused": len(records)}
+    return {"inputs": len(final), "parts": n_parts, "files_refused": len(records), "other_logs": len(other)}
 
 
 def discard(archive: str, date: str) -> None:
