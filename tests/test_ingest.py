@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
@@ -361,6 +362,23 @@ def test_cli_exit_codes(tmp_path, shared_data):
                          capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "read 41 = archived 41 + quarantined 0 + skipped 0" in res.stdout
+
+
+def test_zeek_logs_joined_with_cat_keep_each_header(shared_data, tmp_path):
+    """``cat`` of Zeek TSV logs repeats the header block; where the fields differ (a restart with
+    other fields, another sensor), each block holds for the records after it."""
+    plain = shared_data / SLIPS / "port-scans" / "horizontal" / "conn.log"  # 21 fields
+    labelled = shared_data / SLIPS / "test18-malicious-ctu-sme-11-win" / "zeek-labeled" / "conn.log.labeled"  # 23
+    joined = tmp_path / "conn.log"
+    joined.write_bytes(plain.read_bytes() + labelled.read_bytes() + plain.read_bytes())
+    a, b = read_input(str(plain)), read_input(str(labelled))
+    res = read_input(str(joined))
+    assert res.quarantined == 0 and res.read == res.flows.num_rows == 2 * a.read + b.read
+    assert res.flows["source_row"].to_pylist() == list(range(res.read))
+    got = res.flows.drop_columns(["source", "source_row"])
+    want = pa.concat_tables([t.flows for t in (a, b, a)]).drop_columns(["source", "source_row"])
+    assert got.equals(want)
+    assert res.flows["label"].null_count == 2 * a.read + b.flows["label"].null_count < res.read
 
 
 # -------------------------------------------------------------------------- pcap

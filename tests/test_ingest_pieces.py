@@ -50,7 +50,10 @@ def _inputs(shared_data: Path, tmp_path: Path) -> list[Path]:
     cic.write_bytes(("\r\n".join([CIC_HEADER, *rows]) + "\r\n").encode() + b"1,2,3,Web Attack \x96\r\n")
     unsw = tmp_path / "unsw.csv"  # no header line, BOM, truncated records
     unsw.write_bytes(b"\xef\xbb\xbf" + "\r\n".join([UNSW_ROW, UNSW_ATTACK, "1,2,3"] * 150).encode())
-    return out + [cic, unsw]
+    joined = tmp_path / "joined-conn.log"  # Zeek TSV logs joined with cat: the fields change, and back
+    plain = (shared_data / f"{SLIPS}/port-scans/horizontal/conn.log").read_bytes()
+    joined.write_bytes(plain + out[3].read_bytes() + b"\n" + plain)
+    return out + [cic, unsw, joined]
 
 
 def _no_time(q: pa.Table) -> pa.Table:

@@ -593,6 +593,30 @@ def quarantine_table(source: str, bad: list[tuple[int | None, str | None, str]])
     )
 
 
+def shift_rows(res: ReadResult, offset: int) -> ReadResult:
+    """``res`` with its ``source_row`` numbers moved past ``offset`` earlier records of its input."""
+    if not offset:
+        return res
+    flows, q = res.flows, res.quarantine
+    i = flows.schema.get_field_index("source_row")
+    flows = flows.set_column(i, flows.field(i), pc.add(flows.column(i), pa.scalar(offset, pa.int64())))
+    j = q.schema.get_field_index("source_row")
+    q = q.set_column(j, q.field(j), pc.add(q.column(j), pa.scalar(offset, pa.int64())))
+    return ReadResult(flows, q, res.read, res.format, res.notes, res.piece)
+
+
+def concat_results(parts: list[ReadResult]) -> ReadResult:
+    """Consecutive runs of one input's records, each parsed with ``source_row`` from 0, as one result."""
+    shifted, offset = [], 0
+    for p in parts:
+        shifted.append(shift_rows(p, offset))
+        offset += p.read
+    quarantine = pa.concat_tables([p.quarantine for p in shifted]).sort_by([("source_row", "ascending", "at_end")])
+    notes = [n for p in shifted for n in p.notes]
+    return ReadResult(pa.concat_tables([p.flows for p in shifted]), quarantine, offset, parts[0].format,
+                      list(dict.fromkeys(notes)))
+
+
 # Rows per piece when one input is converted on several threads: big enough that
 # per-piece Python overhead is noise, small enough that 100k rows use 3 cores.
 CONVERT_CHUNK_ROWS = 32_768

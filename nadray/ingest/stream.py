@@ -22,12 +22,9 @@ import zlib
 from collections.abc import Iterator
 from typing import BinaryIO
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from nadray import storage
 from nadray.errors import InputError, StorageError
-from nadray.ingest.common import ReadResult, strip_bom
+from nadray.ingest.common import ReadResult, shift_rows, strip_bom
 from nadray.ingest.detect import PCAP_MAGIC, PCAPNG_MAGIC
 
 # Decompressed bytes per piece. Parsing one holds about 5x this (~120k Zeek records).
@@ -109,13 +106,9 @@ def header(fmt: str, body: bytes) -> bytes:
     if fmt == "zeek" and start.startswith(b"{"):
         return b""  # JSON lines: no header
     if fmt == "zeek" and start.startswith(b"#"):
-        # TSV: the whole '#' block (separator, fields, unset/empty markers) up to the first record.
-        head = [first]
-        for ln in lines:
-            if ln.strip() and not ln.lstrip().startswith(b"#"):
-                break
-            head.append(ln)
-        return b"".join(head)
+        # TSV: the '#' block (separator, fields, unset/empty markers) of the last '#fields' line:
+        # a header that comes back later in the file (logs joined with cat) holds from there on.
+        return _last_zeek_header(body)
     if fmt == "unsw-nb15":
         from nadray.ingest.unsw import COLUMNS
 
@@ -125,15 +118,36 @@ def header(fmt: str, body: bytes) -> bytes:
     return first if first.endswith(b"\n") else first + b"\n"
 
 
+def _last_zeek_header(body: bytes) -> bytes:
+    """The '#' lines around the last '#fields' line of a Zeek TSV ``body`` (not a '#close' before it)."""
+    k = len(body)
+    while True:
+        k = body.rfind(b"#fields", 0, k)
+        line = body.rfind(b"\n", 0, k) + 1
+        if k < 0 or not body[line:k].strip():  # at a line's start (maybe indented), not inside a record
+            break
+    if k < 0:
+        return b""
+    end = body.find(b"\n", k) + 1 or len(body)  # past the '#fields' line, then its '#types' and the like
+    while end < len(body):
+        nxt = body.find(b"\n", end) + 1 or len(body)
+        text = body[end:nxt]
+        if text.strip() and not text.lstrip().startswith(b"#"):
+            break
+        end = nxt
+    begin = line
+    while begin > 0:
+        prev = body.rfind(b"\n", 0, begin - 1) + 1
+        text = body[prev:begin].lstrip()
+        if text and (not text.startswith(b"#") or text.startswith(b"#close")):  # blank lines are passed
+            break
+        begin = prev
+    return body[begin:end].lstrip(b"\r\n")
+
+
 def _shift(res: ReadResult, offset: int, piece: int) -> ReadResult:
-    """``res`` with its ``source_row`` numbers moved past ``offset`` earlier records."""
-    if offset:
-        flows, q = res.flows, res.quarantine
-        i = flows.schema.get_field_index("source_row")
-        flows = flows.set_column(i, flows.field(i), pc.add(flows.column(i), pa.scalar(offset, pa.int64())))
-        j = q.schema.get_field_index("source_row")
-        q = q.set_column(j, q.field(j), pc.add(q.column(j), pa.scalar(offset, pa.int64())))
-        res = ReadResult(flows, q, res.read, res.format, res.notes)
+    """``res`` as piece ``piece`` of its input, ``source_row`` counted past ``offset`` earlier records."""
+    res = shift_rows(res, offset)
     res.piece = piece
     return res
 
@@ -182,6 +196,8 @@ def iter_pieces(raw: BinaryIO, uri: str, fmt: str = "auto", piece_bytes: int | N
         if piece == 0:
             fmt = res.format
             prefix = header(fmt, body)
+        elif fmt == "zeek" and prefix.lstrip().startswith(b"#"):  # TSV: its header may come back, changed
+            prefix = _last_zeek_header(body)
         del body
         yield _shift(res, offset, piece)
         offset += res.read

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -38,8 +39,8 @@ import pyarrow.compute as pc
 
 from nadray.errors import InputError
 from nadray.ingest.common import (
-    ReadResult, Records, Validator, assemble, convert_in_chunks, decode_raw, fast_records, has_padding, label_of_text,
-    map_labels, split_lines, split_records, strip_bom,
+    ReadResult, Records, Validator, assemble, concat_results, convert_in_chunks, decode_raw, fast_records, has_padding,
+    label_of_text, map_labels, split_lines, split_records, strip_bom,
 )
 
 FORMAT = "zeek"
@@ -109,43 +110,76 @@ def _read_tsv_fast(data: bytes, source: str) -> ReadResult | None:
     return _convert(recs, source, nulls=(unset, empty, ""), trim=False)
 
 
-def _read_tsv(lines: list[bytes], source: str) -> ReadResult:
-    sep = b"\t"
+@dataclass
+class _TsvHeader:
+    """The header lines in effect for a run of TSV records."""
+
+    sep: bytes = b"\t"
     columns: list[str] | None = None
-    unset, empty = "-", "(empty)"
-    spaced = False
-    data: list[bytes] = []
+    unset: str = "-"
+    empty: str = "(empty)"
+    spaced: bool = False  # label fields listed space-separated (raw IoT-23): runs of 3 spaces separate
+
+    def update(self, text: str) -> None:
+        """Apply one '#' line (others, such as #path, #open, #close, #types, change nothing read)."""
+        sep = self.sep.decode()
+        if text.startswith("#separator"):
+            self.sep = _unescape(text[len("#separator"):].strip() or "\\x09").encode()
+        elif text.startswith("#fields"):
+            self.columns, self.spaced = [], False
+            for p in text.rstrip("\n").split(sep)[1:]:
+                if " " in p.strip():
+                    self.spaced = True
+                    self.columns.extend(p.split())
+                else:
+                    self.columns.append(p.strip())
+        elif text.startswith("#unset_field"):
+            self.unset = text.split(sep, 1)[-1].strip() or "-"
+        elif text.startswith("#empty_field"):
+            self.empty = text.split(sep, 1)[-1].strip() or "(empty)"
+
+
+def _tsv_runs(lines: list[bytes]) -> list[tuple[_TsvHeader, list[bytes]]]:
+    """The records in runs, each with the header in effect: a header block that comes back
+    after records (logs joined with ``cat``, maybe across a restart that changed the fields)
+    holds for the records after it. Adjacent runs under the same header are one run."""
+    runs: list[tuple[_TsvHeader, list[bytes]]] = []
+    head, data = _TsvHeader(), []
     for ln in lines:
         if not ln.strip():
             continue
         st = ln.lstrip() if ln[:1] in (b" ", b"\t") else ln
-        if st[:1] == b"#":
-            if columns is None:
-                text = decode_raw(st)
-                if text.startswith("#separator"):
-                    sep = _unescape(text[len("#separator"):].strip() or "\\x09").encode()
-                elif text.startswith("#fields"):
-                    parts = text.rstrip("\n").split(sep.decode())[1:]
-                    columns = []
-                    for p in parts:
-                        if " " in p.strip():
-                            spaced = True
-                            columns.extend(p.split())
-                        else:
-                            columns.append(p.strip())
-                elif text.startswith("#unset_field"):
-                    unset = text.split(sep.decode(), 1)[-1].strip() or "-"
-                elif text.startswith("#empty_field"):
-                    empty = text.split(sep.decode(), 1)[-1].strip() or "(empty)"
+        if st[:1] != b"#":
+            data.append(ln)
             continue
-        data.append(ln)
-    if columns is None:
+        if data:  # a header after records: a new run, starting from the current header
+            runs.append((head, data))
+            head, data = replace(head, columns=list(head.columns or [])), []
+        head.update(decode_raw(st))
+    runs.append((head, data))
+    merged = [runs[0]]
+    for h, d in runs[1:]:
+        if h == merged[-1][0]:
+            merged[-1][1].extend(d)
+        elif d:
+            merged.append((h, d))
+    return merged
+
+
+def _read_tsv(lines: list[bytes], source: str) -> ReadResult:
+    runs = _tsv_runs(lines)
+    parts = [_read_tsv_run(head, data, source) for head, data in runs]
+    return parts[0] if len(parts) == 1 else concat_results(parts)
+
+
+def _read_tsv_run(head: _TsvHeader, data: list[bytes], source: str) -> ReadResult:
+    if head.columns is None:
         raise InputError(f"{source}: Zeek log without a '#fields' header line")
-    _check_columns(columns, source)
-    if spaced:
-        data = [ln.replace(b"   ", sep) for ln in data]
-    recs = split_records(data, columns, sep, "Zeek", keep=USED)
-    return _convert(recs, source, nulls=(unset, empty, ""))
+    _check_columns(head.columns, source)
+    if head.spaced:
+        data = [ln.replace(b"   ", head.sep) for ln in data]
+    recs = split_records(data, head.columns, head.sep, "Zeek", keep=USED)
+    return _convert(recs, source, nulls=(head.unset, head.empty, ""))
 
 
 def _csv_header(line: bytes, source: str) -> tuple[list[str], bytes]:
