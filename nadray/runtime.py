@@ -104,8 +104,16 @@ def local_cpus() -> int:
     return max(1, int(omp)) if omp.isdigit() else (os.cpu_count() or 1)
 
 
+# The AWS SDK's INFO lines ("Found credentials in environment variables", once per new S3
+# client, so several per command) say nothing a user acts on; -v shows them again (their DEBUG
+# lines, every HTTP exchange, never).
+QUIET_LOGGERS = ("aiobotocore", "botocore", "s3fs")
+
+
 def configure_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)

@@ -87,3 +87,19 @@ def test_embedded_ray_workers_drop_only_the_cleaner_noise():
     assert "nadray-test: another error" in out and "nadray-test: elsewhere" in out, out[-3000:]
     assert CLEANER_NOISE not in out and "Found multiple active Ray instances" not in out, out[-3000:]
     assert "nadray-test-noise" not in out and out.count("nadray-test: progress kept") == 2, out[-3000:]
+
+
+def test_the_aws_sdks_info_lines_are_quiet_unless_verbose():
+    """"Found credentials in environment variables", once per new S3 client: shown with -v only."""
+    code = textwrap.dedent("""
+        import logging, sys
+        from nadray.runtime import configure_logging
+        configure_logging(verbose=sys.argv[1] == "v")
+        logging.getLogger("aiobotocore.credentials").info("Found credentials in environment variables.")
+        logging.getLogger("botocore.credentials").warning("a real problem")
+        logging.getLogger("nadray.ingest").info("ours")
+    """)
+    for mode, shown in (("", False), ("v", True)):
+        err = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=60).stderr
+        assert ("Found credentials" in err) == shown, err
+        assert "a real problem" in err and "ours" in err, err
