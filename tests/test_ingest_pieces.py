@@ -240,3 +240,48 @@ def test_a_large_capture_is_read_from_disk_not_held(shared_data, tmp_path, monke
     assert not Path(from_file[2]).exists()  # removed after
     q = read_input(str(cut)).quarantine
     assert q.num_rows == 1 and q["reason"][0].as_py().startswith("truncated capture after packet")
+
+
+def test_a_large_text_file_named_as_pcap_is_refused_naming_it(shared_data, tmp_path):
+    """``--format pcap`` on a large text file: one line naming it, plain or gzip (whose
+    temporary copy is removed), never the flow meter's own error."""
+    import tempfile
+
+    path = _inputs(shared_data, tmp_path)[0]
+    gz = path.with_name(path.name + ".gz")
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    before = set(Path(tempfile.gettempdir()).glob("nadray-*.pcap"))
+    for p in (path, gz):
+        with pytest.raises(InputError, match=rf"{p.name}: not a pcap or pcapng capture"):
+            list(stream.iter_input(str(p), "pcap", piece_bytes=4096, whole_bytes=4096))
+    assert set(Path(tempfile.gettempdir()).glob("nadray-*.pcap")) == before
+
+
+def test_parts_a_refused_file_could_not_remove_go_at_its_rerun(shared_data, tmp_path, monkeypatch):
+    """Removing a refused file's parts is best effort (the storage may be what failed): what is
+    left stays hidden behind its .pending marker, and the next ingest of that file removes it."""
+    from nadray import storage
+
+    path = _inputs(shared_data, tmp_path)[0]
+    broken = tmp_path / "cut.csv.gz"
+    data = gzip.compress(path.read_bytes())
+    broken.write_bytes(data[: len(data) * 3 // 4])
+    monkeypatch.setattr(stream, "PIECE_BYTES", 4000)
+    monkeypatch.setattr(stream, "WHOLE_BYTES", 4000)
+    a = str(tmp_path / "a")
+    real_rm = storage.rm
+
+    def failing_rm(uri, *args, **kwargs):  # fault injection: the delete fails, as on a store gone read-only
+        raise PermissionError(f"{uri}: read-only")
+
+    monkeypatch.setattr(storage, "rm", failing_rm)
+    rep = ingest([str(broken)], a)
+    assert not rep.ok and "broken gzip data" in rep.failed_inputs[0]
+    left = sorted(p.name for p in (tmp_path / "a").rglob("part-*.parquet"))
+    assert left and arc.uncommitted_keys(a)  # parts left, hidden
+    assert arc.dataset_paths(a) == [] and arc.count_rows(a) == 0
+    monkeypatch.setattr(storage, "rm", real_rm)
+    rep = ingest([str(broken)], a)
+    assert not rep.ok and "broken gzip data" in rep.failed_inputs[0]
+    assert sorted(p.name for p in (tmp_path / "a").rglob("part-*.parquet")) == []
+    assert not arc.uncommitted_keys(a)
