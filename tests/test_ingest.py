@@ -334,6 +334,20 @@ def test_whole_file_failures(tmp_path, content, needle):
     assert rep.read == 0
 
 
+@pytest.mark.parametrize("name", ["KDDTrain+_20Percent.txt", "KDDTest+.txt", "KDDTest-21.txt"])
+def test_nsl_kdd_is_refused_with_the_reason(shared_data, tmp_path, name):
+    """NSL-KDD is the best-known IDS data set, but its records have no time and no host: say so,
+    not "cannot recognise the format"."""
+    src = shared_data / "nsl_kdd" / name
+    with pytest.raises(InputError, match="NSL-KDD connection records hold no timestamp and no host address"):
+        read_input(str(src))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(src, folder / name)
+    rep = ingest([str(folder)], str(tmp_path / "a"))
+    assert rep.ok and [f.status for f in rep.files] == ["skipped: unrecognised format"]
+
+
 def test_missing_input_and_explicit_wrong_format(tmp_path, shared_data):
     rep = ingest([str(tmp_path / "nope.log")], str(tmp_path / "a"))
     assert not rep.ok and rep.failed_inputs == [f"{tmp_path / 'nope.log'}: no such file or folder"]

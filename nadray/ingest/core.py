@@ -88,6 +88,10 @@ def parse_bytes(data: bytes, source: str, fmt: str = "auto", local_path: str | N
         found = _detect.detect(data[:_HEAD])
         if found == _detect.NOT_FLOW_LOG:
             raise NotAFlowLog(f"{source}: not a flow log (a Zeek or JSON log of another kind, e.g. dns.log)")
+        if found == _detect.KDD:
+            raise UnknownFormat(f"{source}: KDD Cup 99 / NSL-KDD connection records hold no timestamp and no host "
+                                f"address, so they cannot be put in per-host time order; nadray reads flow logs "
+                                f"that have both")
         if found is None:
             raise UnknownFormat(f"{source}: cannot recognise the format (expected pcap/pcapng, Zeek conn log, "
                                 f"Argus binetflow, CICFlowMeter, UNSW-NB15 or cs448b CSV); try --format")

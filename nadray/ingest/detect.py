@@ -10,6 +10,8 @@
   (``Flow Duration``, ``Total Fwd Packets``), UNSW-NB15 with header (``srcip``,
   ``dstip``, ``dsport``), cs448b (``date``, ``l_ipn``, ...).
 * Headerless UNSW-NB15: a first line of exactly 49 comma-separated fields.
+* KDD Cup 99 / NSL-KDD records (42 or 43 fields, no header, ``0,tcp,http,SF,...``) are
+  recognised only to be refused with the reason (``KDD``): they hold no time and no host.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from nadray.ingest import cs448b, zeek
 PCAP_MAGIC = {b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d"}
 PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
 NOT_FLOW_LOG = "not-a-flow-log"
+KDD = "kdd"
+_KDD_PROTOCOLS = {"tcp", "udp", "icmp"}
 
 
 def _first_line(text: str) -> str:
@@ -99,4 +103,6 @@ def detect(head: bytes) -> str | None:
         return "cs448b"
     if sep == "," and len(cols) == 49:
         return "unsw-nb15"
+    if sep == "," and len(cols) in (42, 43) and cols[1] in _KDD_PROTOCOLS and cols[0].isdigit():
+        return KDD
     return None
