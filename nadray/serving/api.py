@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 from fastapi import Request  # module level: route annotations are resolved from these globals
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from nadray.schema import FLOW_SCHEMA, MAX_TS_US, MIN_TS_US
 
@@ -47,24 +47,37 @@ _INT64 = 2**63 - 1
 # --------------------------------------------------------------------------- request / response models
 
 
+def _or_zeek(name: str, zeek: str) -> AliasChoices:
+    """The canonical key, or Zeek conn.log's name for it (the mapping ingest uses, docs/INGEST.md)."""
+    return AliasChoices(name, zeek)
+
+
 class FlowRecord(BaseModel):
-    """One flow in the canonical schema (DESIGN.md "Canonical flow record"), as JSON."""
+    """One flow in the canonical schema (DESIGN.md "Canonical flow record"), as JSON.
+
+    A Zeek conn.log JSON record is one too, as Zeek writes it: ``id.orig_h``, ``id.resp_h``,
+    ``id.orig_p``, ``id.resp_p``, ``orig_bytes``, ``resp_bytes``, ``orig_pkts`` and
+    ``resp_pkts`` are read as the canonical fields they are ingested as; the other conn
+    fields already carry the canonical names.
+    """
 
     # Unknown keys (a Zeek ``uid``, ``history``) are ignored, not errors: clients
     # forward whatever their sensor emits.
     model_config = ConfigDict(extra="ignore", str_max_length=1024)
 
     ts: Any = Field(description="flow start: ISO 8601 (UTC if no offset) or epoch seconds")
-    src_ip: str = Field(min_length=1, description="originator address or host id")
-    dst_ip: str = Field(min_length=1, description="responder address or host id")
+    src_ip: str = Field(min_length=1, validation_alias=_or_zeek("src_ip", "id.orig_h"),
+                        description="originator address or host id (Zeek: id.orig_h)")
+    dst_ip: str = Field(min_length=1, validation_alias=_or_zeek("dst_ip", "id.resp_h"),
+                        description="responder address or host id (Zeek: id.resp_h)")
     proto: str = Field(min_length=1, description="tcp, udp, icmp, ... (lower-cased)")
-    src_port: int | None = Field(None, ge=0, le=65535)
-    dst_port: int | None = Field(None, ge=0, le=65535)
+    src_port: int | None = Field(None, ge=0, le=65535, validation_alias=_or_zeek("src_port", "id.orig_p"))
+    dst_port: int | None = Field(None, ge=0, le=65535, validation_alias=_or_zeek("dst_port", "id.resp_p"))
     duration: float | None = Field(None, ge=0, allow_inf_nan=False, description="seconds")
-    src_bytes: int | None = Field(None, ge=0, le=_INT64)
-    dst_bytes: int | None = Field(None, ge=0, le=_INT64)
-    src_pkts: int | None = Field(None, ge=0, le=_INT64)
-    dst_pkts: int | None = Field(None, ge=0, le=_INT64)
+    src_bytes: int | None = Field(None, ge=0, le=_INT64, validation_alias=_or_zeek("src_bytes", "orig_bytes"))
+    dst_bytes: int | None = Field(None, ge=0, le=_INT64, validation_alias=_or_zeek("dst_bytes", "resp_bytes"))
+    src_pkts: int | None = Field(None, ge=0, le=_INT64, validation_alias=_or_zeek("src_pkts", "orig_pkts"))
+    dst_pkts: int | None = Field(None, ge=0, le=_INT64, validation_alias=_or_zeek("dst_pkts", "resp_pkts"))
     conn_state: str | None = None
     service: str | None = None
     flows: int = Field(1, ge=1, le=_INT64, description="flows this record summarises")
@@ -84,6 +97,13 @@ class FlowRecord(BaseModel):
     @classmethod
     def _proto(cls, v: str) -> str:
         return v.lower()
+
+    @field_validator("conn_state", "service")
+    @classmethod
+    def _unset(cls, v: str | None) -> str | None:
+        """As ingest reads them: blank, ``-`` and ``(empty)`` (Zeek's unset and empty markers) are unset."""
+        v = None if v is None else v.strip()
+        return None if v in (None, "", "-", "(empty)") else v
 
 
 class ScoreRequest(BaseModel):
