@@ -73,7 +73,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from nadray.score import score
 
-    report = score(args.model, args.input, args.output, fmt=args.format)
+    report = score(args.model, args.input, args.output, fmt=args.format, start=args.start, end=args.end)
     print(report.summary())
     return 0
 
@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, nargs="+", metavar="PATH_OR_URI")
     p.add_argument("--output", required=True, metavar="URI")
     p.add_argument("--format", default="auto", choices=INGEST_FORMATS + ["archive"])
+    p.add_argument("--start", metavar="DATE", help="archive only: flows from this date or ISO time (UTC) on; "
+                   "each host's context starts here")
+    p.add_argument("--end", metavar="DATE", help="archive only: flows before this date or ISO time (UTC)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("serve", help="run the Ray Serve scoring endpoint in the foreground")

@@ -33,6 +33,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -205,10 +206,12 @@ def _expand(inputs: list[str]) -> list[tuple[str, bool]]:
     return [f for p in inputs for f in input_files(p)]
 
 
-def read_pieces(inputs: list[str], fmt: str, skipped: list[str]) -> Iterator[tuple[pa.Table, int, int]]:
+def read_pieces(inputs: list[str], fmt: str, skipped: list[str], start: Any = None,
+                end: Any = None) -> Iterator[tuple[pa.Table, int, int]]:
     """(flows as FLOW_SCHEMA, records read, records quarantined) per input file (or piece of a large one)
-    or archive partition. As in ingest, a file found in a folder that is no flow log (Zeek's dns.log
-    beside its conn.log) is skipped with ``fmt="auto"``: its "<file>: <why>" goes to ``skipped``."""
+    or archive partition (its flows with ``start <= ts < end``). As in ingest, a file found in a folder
+    that is no flow log (Zeek's dns.log beside its conn.log) is skipped with ``fmt="auto"``: its
+    "<file>: <why>" goes to ``skipped``."""
     from nadray.schema import FLOW_SCHEMA
 
     if fmt == "archive":
@@ -216,9 +219,9 @@ def read_pieces(inputs: list[str], fmt: str, skipped: list[str]) -> Iterator[tup
 
         for a in inputs:
             with storage.unreachable_as_error(a, "list"):
-                parts = dataset_paths(a)
+                parts = dataset_paths(a, start, end)
             for p in parts:
-                t = read_flows(a, paths=[p])
+                t = read_flows(a, start, end, paths=[p])
                 yield t, t.num_rows, 0
     else:
         from nadray.ingest.core import EmptyInput, NotAFlowLog, UnknownFormat
@@ -246,11 +249,13 @@ def _pool(cpus: float) -> tuple[int, float]:
 
 
 def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto",
-          driver_rows: int | None = None) -> ScoreReport:
+          driver_rows: int | None = None, start: Any = None, end: Any = None) -> ScoreReport:
     """Score raw files (``fmt`` as for ingest) or archives (``fmt="archive"``) and write Parquet to ``output``.
 
-    Inputs of at most ``driver_rows`` flows (default ``DRIVER_SCORE_ROWS``) are scored in the
-    driver without Ray; larger ones with a Ray Data pool of Scorer actors. Same output either way.
+    ``start``/``end`` (archives only; dates or ISO times, UTC): only the flows with ``start <= ts <
+    end``, each host's context starting at ``start``. Inputs of at most ``driver_rows`` flows (default
+    ``DRIVER_SCORE_ROWS``) are scored in the driver without Ray; larger ones with a Ray Data pool of
+    Scorer actors. Same output either way.
     """
     from nadray import blocks
     from nadray.data import sort_flows
@@ -259,12 +264,15 @@ def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto",
     t0 = time.time()
     if not inputs:
         raise NadrayError("score: no inputs given")
+    if (start is not None or end is not None) and fmt != "archive":
+        raise NadrayError(f"score: --start/--end select flows of an archive (--format archive), not of "
+                          f"--format {fmt} inputs, which are scored whole")
     scorer = Scorer.from_ref(model_ref)  # fails fast, naming the ref, before any work
     with Spill(scorer.encoder) as spill:
         held: list[pa.Table] = []
         read = quarantined = n_in = 0
         skipped: list[str] = []
-        for t, r, q in read_pieces(inputs, fmt, skipped):
+        for t, r, q in read_pieces(inputs, fmt, skipped, start, end):
             read, quarantined, n_in = read + r, quarantined + q, n_in + t.num_rows
             held.append(t)
             if n_in > blocks.SPILL_ROWS:  # too large to hold: to local disk, a piece at a time
@@ -273,6 +281,9 @@ def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto",
                 held = []
         report = ScoreReport(output=output, model_version=scorer.version, read=read, quarantined=quarantined,
                              inputs=list(inputs), skipped=skipped)
+        if n_in == 0 and (start is not None or end is not None):
+            raise NadrayError(f"score: archive {inputs} holds no flows from {start or 'its start'} to "
+                              f"{end or 'its end'}")
         if n_in == 0:
             raise NadrayError(f"score: inputs {inputs} hold no readable records ({quarantined} quarantined"
                               f"{f', {len(skipped)} files skipped as not flow logs' if skipped else ''})")

@@ -321,3 +321,34 @@ def test_a_zeek_log_folder_is_scored_as_ingest_reads_it(model_ref, shared_data, 
     (day / "conn.log").unlink()
     with pytest.raises(NadrayError, match="no readable records .*2 files skipped as not flow logs"):
         score(model_ref, [str(tmp_path / "logs")], str(tmp_path / "o"))
+
+
+def test_an_archive_is_scored_over_a_date_range(model_ref, shared_data, tmp_path, capsys):
+    """``--start/--end`` score the archive's flows in ``[start, end)`` only (what a nightly
+    scoring of yesterday's traffic wants), each host's context starting at ``start``."""
+    from nadray import archive as arc
+    from nadray.cli import main
+    from nadray.ingest import ingest
+    from nadray.score import score
+
+    paths = [str(shared_data / "iot23_small_scenarios" / f"{c}-labeled.csv") for c in CAPTURES]
+    a = str(tmp_path / "archive")
+    ingest(paths, a)
+    days = arc.list_dates(a)
+    assert len(days) >= 2
+    start, end = days[-1], None  # the last day only
+    want = arc.read_flows(a, start, end)
+    assert 0 < want.num_rows < arc.count_rows(a)
+    out = str(tmp_path / "s")
+    assert main(["score", "--model", model_ref, "--input", a, "--format", "archive", "--start", start,
+                 "--output", out]) == 0
+    assert f"scored {want.num_rows} rows" in capsys.readouterr().out
+    got = pq.read_table(out).to_pandas()
+    _same_scores_as_whole_input(got, Scorer.from_ref(model_ref), want)
+    with pytest.raises(NadrayError, match="holds no flows from 2030-01-01 to its end"):
+        score(model_ref, [a], str(tmp_path / "o"), "archive", start="2030-01-01")
+    with pytest.raises(NadrayError, match="--start/--end select flows of an archive"):
+        score(model_ref, paths, str(tmp_path / "o"), start=start)
+    assert main(["score", "--model", model_ref, "--input", a, "--format", "archive", "--start", "last tuesday",
+                 "--output", out]) == 2
+    assert "start: expected a date like 2006-07-01" in capsys.readouterr().err
