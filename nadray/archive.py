@@ -60,7 +60,7 @@ def _to_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def _as_datetime(x: Any, name: str) -> _dt.datetime | None:
+def as_datetime(x: Any, name: str) -> _dt.datetime | None:
     """Accept None, 'YYYY-MM-DD[THH:MM[:SS]]', date, datetime or pandas Timestamp (UTC if naive)."""
     if x is None:
         return None
@@ -256,8 +256,8 @@ def list_dates(archive: str) -> list[str]:
 
 
 def _dates_in_range(archive: str, start: Any, end: Any) -> list[str]:
-    s = _as_datetime(start, "start")
-    e = _as_datetime(end, "end")
+    s = as_datetime(start, "start")
+    e = as_datetime(end, "end")
     out = []
     for d in list_dates(archive):
         day = _dt.datetime.fromisoformat(d).replace(tzinfo=_dt.timezone.utc)
@@ -305,8 +305,8 @@ def read_flows(archive: str, start: Any = None, end: Any = None, columns: list[s
     ``paths``: the archive's ``dataset_paths`` for the same range, when the caller listed them already.
     """
     table = _read_parts(dataset_paths(archive, start, end) if paths is None else paths, FLOW_SCHEMA)
-    s = _as_datetime(start, "start")
-    e = _as_datetime(end, "end")
+    s = as_datetime(start, "start")
+    e = as_datetime(end, "end")
     if s is not None:
         table = table.filter(pc.greater_equal(table["ts"], pa.scalar(s, FLOW_SCHEMA.field("ts").type)))
     if e is not None:

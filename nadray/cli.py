@@ -73,7 +73,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from nadray.score import score
 
-    report = score(args.model, args.input, args.output, fmt=args.format, start=args.start, end=args.end)
+    report = score(args.model, args.input, args.output, fmt=args.format, start=args.start, end=args.end,
+                   context_days=args.context_days)
     print(report.summary())
     return 0
 
@@ -135,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", metavar="DATE", help="archive only: flows from this date or ISO time (UTC) on; "
                    "each host's context starts here")
     p.add_argument("--end", metavar="DATE", help="archive only: flows before this date or ISO time (UTC)")
+    p.add_argument("--context-days", type=float, default=1.0, metavar="DAYS",
+                   help="with --start: days before it read as the hosts' context, not scored (default 1)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("serve", help="run the Ray Serve scoring endpoint in the foreground")

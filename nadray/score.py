@@ -26,6 +26,7 @@ A failed run removes the files it wrote. All paths give the same rows and scores
 
 from __future__ import annotations
 
+import datetime as _dt
 import itertools
 import logging
 import os
@@ -37,8 +38,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from nadray import storage
+from nadray.archive import as_datetime
 from nadray.blocks import (KEYS, EntityBlocks, Spill, SpilledBlocks, entity_blocks, merge_split, merge_split_files,
                            with_keys)
 from nadray.errors import InputError, NadrayError
@@ -47,6 +50,10 @@ log = logging.getLogger("nadray.score")
 
 # Inputs up to this many flows are scored in the driver (no Ray job): see the module docstring.
 DRIVER_SCORE_ROWS = 100_000
+# Scoring an archive from --start reads this much before it as context, not written: a host's
+# scores depend on its last data.context_window + sequence_length events (96 by default), which
+# a host busy enough to matter has within a day; from a cold start its first scores run high.
+RANGE_CONTEXT_DAYS = 1.0
 # Spilled split flows are written in row groups of this many rows: a merge of one range of
 # flows reads only the row groups whose statistics overlap it.
 SPLIT_ROW_GROUP = 65_536
@@ -118,8 +125,9 @@ class _Output:
     traffic is mostly between its own hosts they are much of the input), in ``spill``'s
     folder, merged from there a range of flows at a time."""
 
-    def __init__(self, fs, path: str, prefix: str, report: ScoreReport, spill: Spill):
+    def __init__(self, fs, path: str, prefix: str, report: ScoreReport, spill: Spill, since: Any = None):
         self.fs, self.path, self.prefix, self.report, self.spill = fs, path.rstrip("/"), prefix, report, spill
+        self.since = since  # flows before it were read as context only (``score(start=...)``): not written
         self.split: list[pa.Table] = []
         self.held = 0  # rows in self.split
         self.spilled: list[str] = []
@@ -162,6 +170,8 @@ class _Output:
     def write(self, table: pa.Table) -> None:
         import pyarrow.parquet as pq
 
+        if self.since is not None:
+            table = table.filter(pc.greater_equal(table.column("ts"), self.since))
         if table.num_rows == 0:
             return
         f = f"{self.path}/{self.prefix}_{len(self.report.files):06d}.parquet"
@@ -249,13 +259,14 @@ def _pool(cpus: float) -> tuple[int, float]:
 
 
 def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto",
-          driver_rows: int | None = None, start: Any = None, end: Any = None) -> ScoreReport:
+          driver_rows: int | None = None, start: Any = None, end: Any = None,
+          context_days: float = RANGE_CONTEXT_DAYS) -> ScoreReport:
     """Score raw files (``fmt`` as for ingest) or archives (``fmt="archive"``) and write Parquet to ``output``.
 
     ``start``/``end`` (archives only; dates or ISO times, UTC): only the flows with ``start <= ts <
-    end``, each host's context starting at ``start``. Inputs of at most ``driver_rows`` flows (default
-    ``DRIVER_SCORE_ROWS``) are scored in the driver without Ray; larger ones with a Ray Data pool of
-    Scorer actors. Same output either way.
+    end`` are scored, with the ``context_days`` before ``start`` read as their hosts' context.
+    Inputs of at most ``driver_rows`` flows (default ``DRIVER_SCORE_ROWS``) are scored in the
+    driver without Ray; larger ones with a Ray Data pool of Scorer actors. Same output either way.
     """
     from nadray import blocks
     from nadray.data import sort_flows
@@ -267,13 +278,19 @@ def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto",
     if (start is not None or end is not None) and fmt != "archive":
         raise NadrayError(f"score: --start/--end select flows of an archive (--format archive), not of "
                           f"--format {fmt} inputs, which are scored whole")
+    if not (isinstance(context_days, (int, float)) and 0 <= context_days <= 366):
+        raise NadrayError(f"score: --context-days: expected a number of days in [0, 366], got {context_days!r}")
+    since = as_datetime(start, "start")
+    read_from = None if since is None else since - _dt.timedelta(days=context_days)
     scorer = Scorer.from_ref(model_ref)  # fails fast, naming the ref, before any work
     with Spill(scorer.encoder) as spill:
         held: list[pa.Table] = []
-        read = quarantined = n_in = 0
+        read = quarantined = n_in = n_context = 0
         skipped: list[str] = []
-        for t, r, q in read_pieces(inputs, fmt, skipped, start, end):
+        for t, r, q in read_pieces(inputs, fmt, skipped, read_from, end):
             read, quarantined, n_in = read + r, quarantined + q, n_in + t.num_rows
+            if since is not None:
+                n_context += int(pc.sum(pc.less(t.column("ts"), since)).as_py() or 0)
             held.append(t)
             if n_in > blocks.SPILL_ROWS:  # too large to hold: to local disk, a piece at a time
                 for h in held:
@@ -281,7 +298,7 @@ def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto",
                 held = []
         report = ScoreReport(output=output, model_version=scorer.version, read=read, quarantined=quarantined,
                              inputs=list(inputs), skipped=skipped)
-        if n_in == 0 and (start is not None or end is not None):
+        if n_in == n_context and (start is not None or end is not None):
             raise NadrayError(f"score: archive {inputs} holds no flows from {start or 'its start'} to "
                               f"{end or 'its end'}")
         if n_in == 0:
@@ -298,7 +315,7 @@ def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto",
         try:
             # An S3 outage mid-write is one line naming the output, not a botocore traceback.
             with storage.unreachable_as_error(output, "write the scores"):
-                out = _Output(fs, path, prefix, report, spill)
+                out = _Output(fs, path, prefix, report, spill, since)
                 in_driver = runs_in_driver(n_in, driver_rows)
                 report.path = "driver" if in_driver else "ray-data"
                 if in_driver and flows is not None and n_in <= DRIVER_SCORE_ROWS:
@@ -312,8 +329,8 @@ def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto",
                         _score_in_driver(scorer, units, out)
                     else:
                         _score_ray_data(model_ref, units, pool, out)
-            if report.rows_scored != n_in:
-                raise NadrayError(f"score: wrote {report.rows_scored} rows for {n_in} input records")
+            if report.rows_scored != n_in - n_context:
+                raise NadrayError(f"score: wrote {report.rows_scored} rows for {n_in - n_context} input records")
         except BaseException:
             # A failed run leaves no partial output to be mistaken for a whole one.
             _remove_written(fs, path, prefix, storage.join(output, prefix))

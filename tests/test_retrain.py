@@ -161,7 +161,7 @@ def test_an_interrupted_commit_is_repaired_by_the_rerun(tmp_path, monkeypatch):
     monkeypatch.setattr(stream, "PIECE_BYTES", 12000)
     staging.stage(files, archive, date)
     lo, hi = "2019-01-01", "2019-02-01"
-    assert staging.load_window(archive, date, arc._as_datetime(lo, "s"), arc._as_datetime(hi, "e")).num_rows == 237
+    assert staging.load_window(archive, date, arc.as_datetime(lo, "s"), arc.as_datetime(hi, "e")).num_rows == 237
     staging.commit(archive, date)
     assert arc.count_rows(archive) == 237  # the interrupted commit's copies removed: nothing doubled
     assert [f.status for f in staging.scan_landing(str(landing), archive)] == ["archived"]

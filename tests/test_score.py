@@ -325,30 +325,33 @@ def test_a_zeek_log_folder_is_scored_as_ingest_reads_it(model_ref, shared_data, 
 
 def test_an_archive_is_scored_over_a_date_range(model_ref, shared_data, tmp_path, capsys):
     """``--start/--end`` score the archive's flows in ``[start, end)`` only (what a nightly
-    scoring of yesterday's traffic wants), each host's context starting at ``start``."""
+    scoring of yesterday's traffic wants), with the day before read as the hosts' context."""
     from nadray import archive as arc
     from nadray.cli import main
     from nadray.ingest import ingest
     from nadray.score import score
 
-    paths = [str(shared_data / "iot23_small_scenarios" / f"{c}-labeled.csv") for c in CAPTURES]
     a = str(tmp_path / "archive")
-    ingest(paths, a)
-    days = arc.list_dates(a)
-    assert len(days) >= 2
-    start, end = days[-1], None  # the last day only
-    want = arc.read_flows(a, start, end)
-    assert 0 < want.num_rows < arc.count_rows(a)
-    out = str(tmp_path / "s")
-    assert main(["score", "--model", model_ref, "--input", a, "--format", "archive", "--start", start,
-                 "--output", out]) == 0
-    assert f"scored {want.num_rows} rows" in capsys.readouterr().out
-    got = pq.read_table(out).to_pandas()
-    _same_scores_as_whole_input(got, Scorer.from_ref(model_ref), want)
+    ingest([str(shared_data / "iot23_small_scenarios" / "CTU-Honeypot-Capture-4-1-labeled.csv")], a)
+    assert arc.list_dates(a) == ["2018-10-25", "2018-10-26"]
+    day = arc.read_flows(a, "2018-10-26")
+    scorer = Scorer.from_ref(model_ref)
+    base = ["score", "--model", model_ref, "--input", a, "--format", "archive", "--start", "2018-10-26"]
+    assert main([*base, "--output", str(tmp_path / "s")]) == 0
+    assert f"scored {day.num_rows} rows" in capsys.readouterr().out
+    got = pq.read_table(str(tmp_path / "s")).to_pandas()
+    assert len(got) == day.num_rows and (got.ts >= pd.Timestamp("2018-10-26", tz="UTC")).all()
+    # Scored as in the whole archive (the day before is its context)...
+    in_whole = got.merge(scorer.score_table(arc.read_flows(a)), on=["source", "source_row"], suffixes=("", "_ref"))
+    np.testing.assert_allclose(in_whole.score, in_whole.score_ref, rtol=1e-5, atol=1e-6)
+    # ...not as the day alone, from a cold start, which --context-days 0 gives.
+    assert main([*base, "--context-days", "0", "--output", str(tmp_path / "cold")]) == 0
+    cold = _same_scores_as_whole_input(pq.read_table(str(tmp_path / "cold")).to_pandas(), scorer, day)
+    assert len(in_whole) == len(cold) == day.num_rows
+    assert not np.allclose(in_whole.sort_values("source_row").score, cold.sort_values("source_row").score)
     with pytest.raises(NadrayError, match="holds no flows from 2030-01-01 to its end"):
         score(model_ref, [a], str(tmp_path / "o"), "archive", start="2030-01-01")
     with pytest.raises(NadrayError, match="--start/--end select flows of an archive"):
-        score(model_ref, paths, str(tmp_path / "o"), start=start)
-    assert main(["score", "--model", model_ref, "--input", a, "--format", "archive", "--start", "last tuesday",
-                 "--output", out]) == 2
+        score(model_ref, [str(tmp_path)], str(tmp_path / "o"), start="2018-10-26")
+    assert main([*base[:-1], "last tuesday", "--output", str(tmp_path / "o")]) == 2
     assert "start: expected a date like 2006-07-01" in capsys.readouterr().err
