@@ -26,9 +26,16 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, logging_level="WARNING")
     else:
+        # One local node cannot be preempted, and Ray Train 2.60's preemption watcher logs
+        # an error-level line at every start ("PreemptionWatcher ... has constructor
+        # arguments in the object store"): off in the embedded Ray, on a cluster as Ray has it.
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
                  runtime_env={"worker_process_setup_hook": "nadray.runtime.quiet_worker_logs"})
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 # Ray Train 2.60's PlacementGroupCleaner asks the State API every second whether the

@@ -103,3 +103,27 @@ def test_the_aws_sdks_info_lines_are_quiet_unless_verbose():
         err = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=60).stderr
         assert ("Found credentials" in err) == shown, err
         assert "a real problem" in err and "ours" in err, err
+
+
+def test_the_embedded_ray_turns_the_preemption_watcher_off():
+    """A single local node is never preempted; Ray Train's watcher only logs an error-level line
+    there. Its switch is still the variable Ray Train reads, and the embedded Ray's workers
+    (where the training controller runs) see it off unless the user set it."""
+    from nadray.runtime import PREEMPTION_WATCHER_ENV
+
+    spec = importlib.util.find_spec("ray.train.v2._internal.constants")
+    assert f'ENABLE_PREEMPTION_WATCHER_ENV_VAR = "{PREEMPTION_WATCHER_ENV}"' in Path(spec.origin).read_text()
+    code = textwrap.dedent(f"""
+        import os, ray
+        from nadray.runtime import ensure_ray
+        ensure_ray(1)
+        print("seen:", ray.get(ray.remote(lambda: os.environ.get({PREEMPTION_WATCHER_ENV!r})).remote()))
+        ray.shutdown()
+    """)
+    for preset, seen in ((None, "0"), ("1", "1")):
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", PREEMPTION_WATCHER_ENV)}
+        if preset:
+            env[PREEMPTION_WATCHER_ENV] = preset
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=120).stdout
+        assert f"seen: {seen}" in out, out
