@@ -166,6 +166,10 @@ class NightlyConfig:
     # challenger trains on the days before them). Counted in days that hold flows, not
     # calendar days, so an archive with gaps still gets a comparison window; 1 = the new day.
     eval_days: int = 1
+    # Landing files written less than this many seconds before the night's scan wait for the
+    # next night: one still being copied would be archived cut short, and its complete copy
+    # (new content) archived again in full, its first records twice.
+    min_file_age_s: float = 300.0
 
 
 @dataclass
@@ -231,6 +235,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "nightly.window_days": (lambda v: v >= 1, "must be >= 1"),
     "nightly.tolerance": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "nightly.eval_days": (lambda v: v >= 1, "must be >= 1"),
+    "nightly.min_file_age_s": (lambda v: v >= 0, "must be >= 0"),
     "serve.max_body_bytes": (lambda v: v >= 1024, "must be >= 1024"),
     "serve.max_flows": (lambda v: v >= 1, "must be >= 1"),
     "serve.max_entities": (lambda v: v >= 1, "must be >= 1"),

@@ -77,6 +77,10 @@ class NightReport:
             lines.append(f"  refused: {reason if reason.startswith(ref['source']) else ref['source'] + ': ' + reason}")
         for o in (r.get("ingest") or {}).get("other_logs", []):
             lines.append(f"  skipped: {o['source']}: {o['reason']}")
+        for f in r.get("landing", []):
+            if f.get("status") == "too recent":
+                lines.append(f"  waiting: {f['uri']}: written {f.get('age_s')} s before the scan, under "
+                             f"nightly.min_file_age_s={r.get('min_file_age_s')}: left for the next night")
         if r.get("challenger_version"):
             lines.append(f"  challenger {r['challenger_version']} (warm start: "
                          f"{(r.get('warm_start') or {}).get('used')})")
@@ -185,11 +189,13 @@ def retrain(landing: str, archive: str, registry: str, date: str | None = None, 
     try:
         # 0. What is new? ------------------------------------------------------------
         with steps("scan") as c:
-            files = staging.scan_landing(landing, archive)
+            files = staging.scan_landing(landing, archive, cfg.nightly.min_file_age_s)
             new = [f for f in files if f.status == "new"]
             c.update(files=len(files), new=len(new), archived=sum(f.status == "archived" for f in files),
                      quarantined=sum(f.status == "quarantined" for f in files),
-                     other_logs=sum(f.status == "other log" for f in files))
+                     other_logs=sum(f.status == "other log" for f in files),
+                     too_recent=sum(f.status == "too recent" for f in files))
+            record["min_file_age_s"] = cfg.nightly.min_file_age_s
             record["landing"] = staging.as_dicts(files)
         prev = night_report.read_night(registry, name, date)
         if prev and prev.get("status") == "complete" and not new:

@@ -203,20 +203,31 @@ def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri).decode("utf-8"))
 
 
-def visible_files(uri: str) -> list[tuple[str, str]]:
+def visible_files(uri: str, found: dict[str, Any] | None = None) -> list[tuple[str, str]]:
     """Files under the folder ``uri``, recursive and sorted, as (filesystem path, URI).
 
     A path with any part starting with '.' or '_' is left out: hidden files, and the
     archive's and staging's own internals (``_quarantine``, ``_manifest``...).
+    ``found``: the folder's listing with details (``fs.find(path, detail=True)``), when the
+    caller has it.
     """
     fs, path = get_fs(uri)
     out = []
-    for p in sorted(fs.find(path)):
+    for p in sorted(fs.find(path) if found is None else found):
         rel = posixpath.relpath(p, path) if is_s3(uri) else os.path.relpath(p, path)
         parts = rel.replace(os.sep, "/").split("/")
         if not any(x.startswith((".", "_")) for x in parts):
             out.append((p, join(uri, *parts)))
     return out
+
+
+def modified_at(info: dict[str, Any]) -> float | None:
+    """When a file was last written (epoch seconds) from its listing entry: ``mtime`` on local
+    disk, ``LastModified`` on S3; None when the store does not say."""
+    m = info.get("mtime", info.get("LastModified"))
+    if m is None:
+        return None
+    return float(m.timestamp()) if hasattr(m, "timestamp") else float(m)
 
 
 def write_json_atomic(uri: str, obj: Any) -> None:

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 TINY = ["train.max_epochs=1", "train.patience=1", "model.hidden_size=8", "data.sequence_length=8",
-        "train.max_windows=2000", "nightly.window_days=400"]
+        "train.max_windows=2000", "nightly.window_days=400", "nightly.min_file_age_s=0"]
 
 
 def _free_ports(n: int) -> list[int]:

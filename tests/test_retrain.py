@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,7 +28,9 @@ from nadray.nightly import compare, staging
 from nadray.retrain import notify_serve, retrain
 
 TINY = ["train.max_epochs=1", "train.patience=1", "model.hidden_size=8", "data.sequence_length=8",
-        "train.max_windows=2000", "train.batch_size=256", "nightly.window_days=400", "nightly.eval_days=1"]
+        "train.max_windows=2000", "train.batch_size=256", "nightly.window_days=400", "nightly.eval_days=1",
+        "nightly.min_file_age_s=0"]  # files land just before each night runs
+FRESH = ["nightly.min_file_age_s=0"]
 
 
 def _land(landing: Path, *scenarios: str) -> None:
@@ -172,7 +175,7 @@ def test_a_night_whose_files_predate_the_window_says_where_the_flows_are(tmp_pat
     # nothing archived, and the error names the dates the data do cover.
     landing, archive, registry = tmp_path / "landing", str(tmp_path / "archive"), str(tmp_path / "registry")
     _land(landing, "CTU-Malware-Capture-44-1")
-    report = retrain(str(landing), archive, registry, date="2026-11-26", cfg=load_config(None, []))
+    report = retrain(str(landing), archive, registry, date="2026-11-26", cfg=load_config(None, FRESH))
     assert not report.ok
     text = report.summary()
     assert "no flows in the window 2026-10-28 .. 2026-11-27 (nightly.window_days=30)" in text, text
@@ -186,7 +189,7 @@ def test_a_night_with_nothing_readable_says_so(tmp_path):
     landing.mkdir()
     (landing / "notes.txt").write_text("span port moved to the core switch\n")
     report = retrain(str(landing), str(tmp_path / "archive"), str(tmp_path / "registry"), date="2026-11-26",
-                     cfg=load_config(None, []))
+                     cfg=load_config(None, FRESH))
     assert not report.ok
     assert "and its staging; they hold no flows" in report.summary(), report.summary()
 
@@ -221,11 +224,32 @@ def test_a_zeek_sensors_other_logs_are_passed_by_not_refused(tmp_path, shared_da
     landing2, archive2 = tmp_path / "landing2", str(tmp_path / "archive2")
     shutil.copytree(landing, landing2)
     report = retrain(str(landing2), archive2, str(tmp_path / "registry"), date="2026-11-26",
-                     cfg=load_config(None, []))
+                     cfg=load_config(None, FRESH))
     text = report.summary()
     assert "1 files refused, 2 other logs skipped" in text, text
     assert f"skipped: {landing2 / sensor.relative_to(landing) / 'dns.log'}: not a flow log" in text, text
     assert "refused: " + str(landing2 / "notes.txt") in text, text
+
+
+def test_a_file_written_just_before_the_scan_waits_for_the_next_night(tmp_path):
+    """A file may still be being copied into the landing: archived now, it would be cut short, and
+    its complete copy (new content) archived again in full. One written less than
+    nightly.min_file_age_s ago waits, and the night says so."""
+    landing, archive = tmp_path / "landing", str(tmp_path / "archive")
+    _land(landing, "CTU-Malware-Capture-44-1", "CTU-Malware-Capture-42-1")
+    old = landing / datasets.path("iot23-CTU-Malware-Capture-42-1").name
+    hour_ago = time.time() - 3600
+    os.utime(old, (hour_ago, hour_ago))
+    files = {Path(f.uri).name: f for f in staging.scan_landing(str(landing), archive, min_age_s=300)}
+    fresh = files[datasets.path("iot23-CTU-Malware-Capture-44-1").name]
+    assert fresh.status == "too recent" and 0 <= fresh.age_s < 300
+    assert files[old.name].status == "new" and files[old.name].age_s >= 3600
+    report = retrain(str(landing), archive, str(tmp_path / "registry"), date="2026-11-26", cfg=load_config(None, []))
+    text = report.summary()
+    assert "ingest: 1 new files, 4426 rows archived" in text, text
+    assert f"waiting: {landing / fresh.uri.rsplit('/', 1)[-1]}: written " in text, text
+    assert "under nightly.min_file_age_s=300.0: left for the next night" in text, text
+    assert '"too_recent": 1' in text, text
 
 
 # --------------------------------------------------------------------------- drift (no Train fit)

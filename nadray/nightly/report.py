@@ -150,7 +150,7 @@ def render(night: dict[str, Any], images: dict[str, str]) -> str:
     ing = night.get("ingest") or {}
     if ing:
         files = night.get("landing") or []
-        sections.append(("Ingest", [ing.get("counts") or {}, Table(files, ["uri", "status", "sha256", "size"])
+        sections.append(("Ingest", [ing.get("counts") or {}, Table(files, ["uri", "status", "sha256", "size", "age_s"])
                                     if files else "no landing files",
                                     [f"refused whole: {r['reason']}" for r in ing.get("refused", [])]
                                     + [f"skipped: {r['source']}: {r['reason']}" for r in ing.get("other_logs", [])]]))

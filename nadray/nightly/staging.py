@@ -6,7 +6,10 @@ A night never writes into the main archive until it has decided about promotion:
    *archived* (its content sha is in the main archive's manifest),
    *quarantined* (a whole file refused on an earlier night) and *other log* (a log
    of another kind, such as the ``dns.log`` a Zeek sensor ships beside its
-   ``conn.log``, seen on an earlier night).
+   ``conn.log``, seen on an earlier night). A file written less than ``min_age_s`` before
+   the scan is *too recent*: it may still be being copied, and a later, complete copy
+   would be new content whose records the archive then holds twice. It waits for the
+   next night.
 2. :func:`stage` ingests only the new files into ``<archive>/_staging/<date>/``
    (an ordinary archive: parts, quarantine, manifest). The ``_`` prefix hides it
    from every reader of the main archive. A file that cannot be read at all is
@@ -57,7 +60,8 @@ class LandingFile:
     uri: str
     sha256: str
     size: int
-    status: str  # "new", "archived" (sha in the manifest), "quarantined" (refused earlier), "other log"
+    status: str  # "new", "archived" (sha in the manifest), "quarantined" (refused earlier), "other log", "too recent"
+    age_s: float | None = None  # seconds since it was last written, at the scan (None: the store does not say)
 
 
 def staging_uri(archive: str, date: str) -> str:
@@ -72,22 +76,27 @@ def other_logs_uri(archive: str) -> str:
     return storage.join(archive, OTHER_LOGS)
 
 
-def list_landing(landing: str) -> list[str]:
-    """Files under ``landing`` (recursive), hidden and ``_``-prefixed names left out, sorted."""
+def list_landing(landing: str) -> list[tuple[str, float | None]]:
+    """Files under ``landing`` (recursive), hidden and ``_``-prefixed names left out, sorted,
+    each with when it was last written (epoch seconds, None when the store does not say)."""
     fs, path = storage.get_fs(landing)
     with storage.unreachable_as_error(landing, "list"):
         if not fs.exists(path):
             raise NadrayError(f"landing {landing}: no such folder or prefix")
         if not fs.isdir(path):
-            return [str(landing)]
-        return [uri for _, uri in storage.visible_files(landing)]
+            return [(str(landing), storage.modified_at(fs.info(path)))]
+        found = fs.find(path, detail=True)
+        return [(uri, storage.modified_at(found[p])) for p, uri in storage.visible_files(landing, found)]
 
 
-def scan_landing(landing: str, archive: str) -> list[LandingFile]:
-    """Hash every landing file; mark what the main archive already holds or refused."""
+def scan_landing(landing: str, archive: str, min_age_s: float = 0.0) -> list[LandingFile]:
+    """Hash every landing file; mark what the main archive already holds or refused, and what
+    was written less than ``min_age_s`` ago (too recent: maybe still being copied)."""
     qdir, odir = files_quarantine_uri(archive), other_logs_uri(archive)
     out = []
-    for uri in list_landing(landing):
+    now = time.time()
+    for uri, modified in list_landing(landing):
+        age = None if modified is None else max(0.0, now - modified)
         sha, size = storage.sha256(uri)
         if arc.has_manifest(archive, sha):
             status = "archived"
@@ -95,9 +104,11 @@ def scan_landing(landing: str, archive: str) -> list[LandingFile]:
             status = "quarantined"
         elif storage.exists(storage.join(odir, f"{sha}.json")):
             status = "other log"
+        elif age is not None and age < min_age_s:
+            status = "too recent"
         else:
             status = "new"
-        out.append(LandingFile(uri, sha, size, status))
+        out.append(LandingFile(uri, sha, size, status, None if age is None else round(age, 1)))
     return out
 
 
