@@ -65,3 +65,17 @@ def test_s3_client_reused_but_never_stale(s3_bucket, monkeypatch):
     assert storage.exists(f"{uri}/b") and storage.read_bytes(f"{uri}/b") == b"2"
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "rotated")
     assert storage.get_fs(uri)[0] is not fs
+
+
+def test_a_landing_on_s3_gives_each_files_age(s3_bucket, shared_data):
+    """The nightly scan reads when each landing object was written from the S3 listing itself
+    (LastModified), so a just-uploaded one waits for the next night."""
+    from nadray.nightly import staging
+
+    src = shared_data / "iot23_small_scenarios" / f"{CAPTURES[1]}-labeled.csv"
+    storage.write_bytes_atomic(f"{s3_bucket}/landing/day1/c44.csv", src.read_bytes())
+    (f,) = staging.scan_landing(f"{s3_bucket}/landing", f"{s3_bucket}/archive", min_age_s=300)
+    assert f.uri == f"{s3_bucket}/landing/day1/c44.csv" and f.status == "too recent"
+    assert f.age_s is not None and 0 <= f.age_s < 300
+    (f,) = staging.scan_landing(f"{s3_bucket}/landing", f"{s3_bucket}/archive")
+    assert f.status == "new"
