@@ -18,6 +18,12 @@ import uuid
 from pathlib import Path
 
 
+# SeaweedFS gives each bucket 7 volumes when it first writes to it, and refuses writes (an S3
+# "internal error") once none is free: 50 allowed only 7 buckets with data, which the suite
+# had reached. A volume costs no disk until written (volumes are not preallocated).
+MAX_VOLUMES = 700
+
+
 def _free_port_block(n: int) -> int:
     """A base port such that base..base+n-1 and their +10000 gRPC twins are free."""
     for _ in range(200):
@@ -64,7 +70,7 @@ class S3Server:
         cmd = [
             weed_binary(), "server", f"-dir={self.dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-            "-s3", f"-s3.port={s3}", "-master.volumeSizeLimitMB=64", "-volume.max=50",
+            "-s3", f"-s3.port={s3}", "-master.volumeSizeLimitMB=64", f"-volume.max={MAX_VOLUMES}",
             # Listeners with fixed default ports would collide between parallel test runs: off.
             "-s3.port.iceberg=0", "-s3.port.lance=0",
         ]
