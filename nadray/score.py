@@ -64,6 +64,7 @@ class ScoreReport:
     output: str
     model_version: str
     read: int = 0
+    context: int = 0  # of ``read``: flows before ``start``, read as context and not scored
     rows_scored: int = 0
     anomalies: int = 0
     quarantined: int = 0
@@ -76,7 +77,8 @@ class ScoreReport:
     def summary(self) -> str:
         rate = self.rows_scored / self.seconds if self.seconds else 0.0
         return (f"scored {self.rows_scored} rows with model {self.model_version} -> {self.output}\n"
-                f"read {self.read}, quarantined {self.quarantined}, anomalies {self.anomalies} "
+                f"read {self.read}{f' ({self.context} of them as context before the range)' if self.context else ''}, "
+                f"quarantined {self.quarantined}, anomalies {self.anomalies} "
                 f"({100.0 * self.anomalies / max(1, self.rows_scored):.2f}%), {self.seconds:.1f} s ({rate:,.0f} rows/s)"
                 + "".join(f"\n  skipped {s}" for s in self.skipped))
 
@@ -297,13 +299,13 @@ def score(model_ref: str, inputs: list[str], output: str, fmt: str = "auto",
                     spill.add(h)
                 held = []
         report = ScoreReport(output=output, model_version=scorer.version, read=read, quarantined=quarantined,
-                             inputs=list(inputs), skipped=skipped)
+                             inputs=list(inputs), skipped=skipped, context=n_context)
         if n_in == n_context and (start is not None or end is not None):
             raise NadrayError(f"score: archive {inputs} holds no flows from {start or 'its start'} to "
                               f"{end or 'its end'}")
         if n_in == 0:
             raise NadrayError(f"score: inputs {inputs} hold no readable records ({quarantined} quarantined"
-                              f"{f', {len(skipped)} files skipped as not flow logs' if skipped else ''})")
+                              f"{f', {len(skipped)} files in folders skipped' if skipped else ''})")
         log.info("score: %d records read, %d quarantined, in %.1f s%s; scoring with model %s", read, quarantined,
                  time.time() - t0, f" (spilled to {spill.dir})" if spill.rows else "", scorer.version)
         flows = None if spill.rows else sort_flows(pa.concat_tables(held))

@@ -319,7 +319,7 @@ def test_a_zeek_log_folder_is_scored_as_ingest_reads_it(model_ref, shared_data, 
     with pytest.raises(InputError, match="dns.log: not a flow log"):
         score(model_ref, [str(day / "dns.log")], str(tmp_path / "o"))
     (day / "conn.log").unlink()
-    with pytest.raises(NadrayError, match="no readable records .*2 files skipped as not flow logs"):
+    with pytest.raises(NadrayError, match="no readable records .*2 files in folders skipped"):
         score(model_ref, [str(tmp_path / "logs")], str(tmp_path / "o"))
 
 
@@ -338,7 +338,9 @@ def test_an_archive_is_scored_over_a_date_range(model_ref, shared_data, tmp_path
     scorer = Scorer.from_ref(model_ref)
     base = ["score", "--model", model_ref, "--input", a, "--format", "archive", "--start", "2018-10-26"]
     assert main([*base, "--output", str(tmp_path / "s")]) == 0
-    assert f"scored {day.num_rows} rows" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    n_before = arc.read_flows(a).num_rows - day.num_rows
+    assert f"scored {day.num_rows} rows" in out and f"({n_before} of them as context before the range)" in out, out
     got = pq.read_table(str(tmp_path / "s")).to_pandas()
     assert len(got) == day.num_rows and (got.ts >= pd.Timestamp("2018-10-26", tz="UTC")).all()
     # Scored as in the whole archive (the day before is its context)...
