@@ -455,30 +455,37 @@ def where_lstm_loses(results: dict[str, Any], lstm: str = LSTM) -> list[str]:
     None on either side (one class absent, no timestamps) are not compared. Ties
     are not losses.
     """
-    if lstm not in results or not isinstance(results[lstm], dict):
-        return []
-    ours = results[lstm]
     sentences = []
+    for name, label, higher_better, a, b in _comparisons(results, lstm):
+        better = b > a if higher_better else b < a
+        if not better or abs(a - b) < 1e-12:
+            continue
+        if higher_better:
+            sentences.append(
+                f"{name} has a higher {label} than the LSTM on the test split: {_fmt(b)} vs {_fmt(a)} (+{_fmt(b - a)})."
+            )
+        else:
+            sentences.append(
+                f"{name} has fewer {label} than the LSTM on the test split: {_fmt(b)} vs {_fmt(a)} (-{_fmt(a - b)})."
+            )
+    return sentences
+
+
+def _comparisons(results: dict[str, Any], lstm: str = LSTM) -> list[tuple[str, str, bool, float, float]]:
+    """(baseline, metric label, higher is better, LSTM value, baseline value) for every compared
+    metric defined on both sides."""
+    ours = results.get(lstm)
+    if not isinstance(ours, dict):
+        return []
+    out = []
     for name, theirs in results.items():
         if name == lstm or not isinstance(theirs, dict) or "n" not in theirs:
             continue
         for key, label, higher_better in COMPARED_METRICS:
             a, b = ours.get(key), theirs.get(key)
-            if a is None or b is None:
-                continue
-            a, b = float(a), float(b)
-            better = b > a if higher_better else b < a
-            if not better or abs(a - b) < 1e-12:
-                continue
-            if higher_better:
-                sentences.append(
-                    f"{name} has a higher {label} than the LSTM on the test split: {_fmt(b)} vs {_fmt(a)} (+{_fmt(b - a)})."
-                )
-            else:
-                sentences.append(
-                    f"{name} has fewer {label} than the LSTM on the test split: {_fmt(b)} vs {_fmt(a)} (-{_fmt(a - b)})."
-                )
-    return sentences
+            if a is not None and b is not None:
+                out.append((name, label, higher_better, float(a), float(b)))
+    return out
 
 
 _SUMMARY_KEYS = ["roc_auc", "pr_auc", "precision", "recall", "f1", "false_alarms_per_entity_day", "threshold", "n_alerts"]
@@ -503,7 +510,8 @@ def summarize(data: EvalData, meta: dict[str, Any] | None = None) -> dict[str, A
         "skipped": dict(data.skipped),
     }
     if LSTM in data.detectors:
-        summary["lstm_beats_every_baseline"] = not losses
+        # None: no metric was defined on both sides (no labels in the test split), so nothing was won.
+        summary["lstm_beats_every_baseline"] = (not losses) if _comparisons(results) else None
     if meta:
         summary["model"] = meta
     results["split"] = {"boundaries": jsonable(data.masks.boundaries), "counts": _split_counts(data.flows, data.masks)}
@@ -612,8 +620,12 @@ def summary_text(results: dict[str, Any]) -> str:
     if losses:
         lines.append(f"where the LSTM loses ({len(losses)}):")
         lines += [f"  {sentence}" for sentence in losses]
+    elif s.get("lstm_beats_every_baseline"):
+        lines.append("no baseline beats the LSTM on any compared metric")
     elif "lstm_beats_every_baseline" in s:
-        lines.append("the LSTM beats every baseline on every compared metric")
+        why = ("the test split has no labelled flows" if not s.get("test_labelled")
+               else "each compared metric is undefined on the test split (metrics.json says why)")
+        lines.append(f"the LSTM was not compared with the baselines: {why}")
     if s.get("report"):
         lines.append(f"report: {s['report']} (metrics.json beside it)")
     return "\n".join(lines)

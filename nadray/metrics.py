@@ -56,9 +56,13 @@ def detection_metrics(
     fp = int(np.sum(ak & (yk == 0)))
     fn = int(np.sum(~ak & (yk == 1)))
     tn = int(np.sum(~ak & (yk == 0)))
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    # Undefined (None, with the reason in "undefined") rather than 0 where nothing could be
+    # measured: a 0 recall on a window without one malicious record read as a miss, and two
+    # detectors' equal 0s as a comparison ("the LSTM beats every baseline") that never happened.
+    precision = tp / (tp + fp) if tp + fp else (0.0 if k.any() else None)
+    recall = tp / (tp + fn) if tp + fn else None
+    f1 = None if precision is None or recall is None else (
+        2 * precision * recall / (precision + recall) if precision + recall else 0.0)
     out: dict[str, Any] = {
         "n": int(len(y)),
         "n_labelled": int(k.sum()),
@@ -108,4 +112,9 @@ def undefined_reasons(out: dict[str, Any]) -> dict[str, str]:
     for key in ("fpr", "false_alarms_per_entity_day"):
         if key in out and out[key] is None:
             why[key] = "undefined: no benign records"
+    if out.get("precision") is None and "precision" in out:
+        why["precision"] = "undefined: no labelled records"
+    for key in ("recall", "f1"):
+        if key in out and out[key] is None:
+            why[key] = "undefined: no labelled records" if not out["n_labelled"] else "undefined: no malicious records"
     return why

@@ -158,9 +158,14 @@ def test_detection_metrics_say_why_a_metric_is_undefined():
     ts = np.datetime64("2019-01-10", "us") + np.arange(4).astype("timedelta64[h]")
     one_class = detection_metrics(np.zeros(4), np.arange(4.0), 2.0, entity=np.array(["h"] * 4, object), ts=ts)
     assert one_class["roc_auc"] is None and one_class["undefined"] == {
-        "roc_auc": "undefined: one class (0 malicious, 4 benign)", "pr_auc": "undefined: one class (0 malicious, 4 benign)"}
+        "roc_auc": "undefined: one class (0 malicious, 4 benign)", "pr_auc": "undefined: one class (0 malicious, 4 benign)",
+        "recall": "undefined: no malicious records", "f1": "undefined: no malicious records"}
+    # No malicious record: recall is not 0 (a miss) but undefined; precision is measured (2 false alerts).
+    assert one_class["recall"] is one_class["f1"] is None and one_class["precision"] == 0.0
     unlabelled = detection_metrics(np.full(4, np.nan), np.arange(4.0), 2.0, entity=np.array(["h"] * 4, object), ts=ts)
     assert unlabelled["undefined"]["roc_auc"] == "undefined: no labelled records"
+    assert unlabelled["precision"] is unlabelled["recall"] is unlabelled["f1"] is None
+    assert unlabelled["undefined"]["precision"] == unlabelled["undefined"]["recall"] == "undefined: no labelled records"
     assert unlabelled["undefined"]["fpr"] == unlabelled["undefined"]["false_alarms_per_entity_day"] == \
         "undefined: no benign records"
     both = detection_metrics(np.array([0, 1, 0, 1.0]), np.arange(4.0), 2.0)
@@ -344,9 +349,12 @@ def test_summary_text_names_skipped_detectors_and_the_outcome():
     assert lines[0] == "model v1 on a: test 1,200 flows, 1,000 labelled (12 malicious)"
     assert lines[2].split()[:3] == ["lstm", "0.910", "n/a"] and lines[2].split()[-1] == "1,234"
     assert "supervised_hgb: skipped (the training split holds no malicious flows)" in lines
-    assert "where the LSTM loses" not in text and "beats every baseline" not in text
+    assert "where the LSTM loses" not in text and "beats the LSTM" not in text
     won = summary_text({"summary": {**s, "lstm_beats_every_baseline": True, "report": "r/report.html"}})
-    assert won.splitlines()[-2:] == ["the LSTM beats every baseline on every compared metric",
+    assert won.splitlines()[-2:] == ["no baseline beats the LSTM on any compared metric",
                                     "report: r/report.html (metrics.json beside it)"]
+    # Nothing defined on both sides (an unlabelled test split): no claim either way.
+    none = summary_text({"summary": {**s, "test_labelled": 0, "lstm_beats_every_baseline": None}})
+    assert none.splitlines()[-1] == "the LSTM was not compared with the baselines: the test split has no labelled flows"
     lost = summary_text({"summary": s, "where_lstm_loses": ["IsolationForest has the higher PR-AUC"]})
     assert lost.splitlines()[-2:] == ["where the LSTM loses (1):", "  IsolationForest has the higher PR-AUC"]
