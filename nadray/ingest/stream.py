@@ -98,10 +98,10 @@ def read(f: BinaryIO, n: int, uri: str, gz: bool = False) -> bytes:
 
 
 def header(fmt: str, body: bytes) -> bytes:
-    """The lines that must precede a later piece of a ``fmt`` file whose first piece is ``body``."""
+    """The lines that must precede a later piece of a ``fmt`` file whose first piece is ``body``
+    (for a Zeek TSV: those before the last '#fields' line of ``body``, ``_last_zeek_header``)."""
     body = strip_bom(body)
-    lines = iter(body.splitlines(keepends=True))
-    first = next((ln for ln in lines if ln.strip()), b"")
+    first = _first_line(body)
     start = first.lstrip()
     if fmt == "zeek" and start.startswith(b"{"):
         return b""  # JSON lines: no header
@@ -116,6 +116,19 @@ def header(fmt: str, body: bytes) -> bytes:
         # reads as a header (a first data line would be checked as the file's shape).
         return (",".join(COLUMNS) + "\n").encode()
     return first if first.endswith(b"\n") else first + b"\n"
+
+
+def _first_line(body: bytes) -> bytes:
+    """The first non-blank line of ``body``, with its line end, as ``splitlines`` cuts lines,
+    without splitting the rest of a 16 MB piece."""
+    pos = 0
+    while pos < len(body):
+        end = body.find(b"\n", pos) + 1 or len(body)
+        for ln in body[pos:end].splitlines(keepends=True):  # a bare CR ends a line here too
+            if ln.strip():
+                return ln
+        pos = end
+    return b""
 
 
 def _last_zeek_header(body: bytes) -> bytes:
@@ -197,7 +210,7 @@ def iter_pieces(raw: BinaryIO, uri: str, fmt: str = "auto", piece_bytes: int | N
             fmt = res.format
             prefix = header(fmt, body)
         elif fmt == "zeek" and prefix.lstrip().startswith(b"#"):  # TSV: its header may come back, changed
-            prefix = _last_zeek_header(body)
+            prefix = _last_zeek_header(body)  # (a JSON piece's first line is a record, maybe a bad one)
         del body
         yield _shift(res, offset, piece)
         offset += res.read

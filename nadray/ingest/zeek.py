@@ -154,7 +154,7 @@ def _tsv_runs(lines: list[bytes]) -> list[tuple[_TsvHeader, list[bytes]]]:
             continue
         if data:  # a header after records: a new run, starting from the current header
             runs.append((head, data))
-            head, data = replace(head, columns=list(head.columns or [])), []
+            head, data = replace(head), []  # update() gives '#fields' a new list: no copy needed
         head.update(decode_raw(st))
     runs.append((head, data))
     merged = [runs[0]]
