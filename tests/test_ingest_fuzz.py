@@ -127,3 +127,86 @@ def test_has_padding_never_misses_what_trimming_would_remove(body, start, piece)
         assert got
     if all(c == 0x0A or 0x21 <= c <= 0x7E for c in rest):
         assert not got
+
+
+# Values for the columns the Zeek fast paths let pyarrow read as numbers: each is read the
+# same as the line path reads it, or the input falls back to text (hex, signs, padding,
+# out-of-range, not numbers at all).
+NUMBERISH = st.one_of(
+    st.sampled_from(["0", "-0", "007", "+7", "-5", "0x1f", "0X1F", "-0x5", "1e3", "1E5", "5.", ".5", "5.0", "nan",
+                     "inf", "-inf", "Infinity", " 5", "5 ", " 5 ", "\t5", "5\u00a0", " - ", "-", "(empty)", "", " ",
+                     "65535", "65536", "9223372036854775807", "9223372036854775808", "1e400", "0x", "x0",
+                     "1540469303.123456", "2018-10-25T12:08:23Z", "4102444800", "-1e13"]),
+    st.integers(-2**64, 2**64).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.text(alphabet="0123456789xX.+-e ", max_size=8),
+)
+ZEEK_NUMBER_COLS = ["ts", "id.orig_p", "id.resp_p", "duration", "orig_bytes", "resp_bytes", "orig_pkts", "resp_pkts"]
+
+
+def _zeek_file(shape: str, cells: list[tuple[int, str, str]]) -> bytes:
+    cols = ["ts", "uid", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p", "proto", "service", "duration",
+            "orig_bytes", "resp_bytes", "conn_state", "orig_pkts", "resp_pkts", "label", "detailed-label"]
+    rows = [["1540469303.5", "Cx0x%d" % i, "192.168.1.%d" % i, str(58680 + i), "8.8.8.8", "53", "udp", "dns", "0.1",
+             "48", "96", "SF", "2", "2", "benign", "-"] for i in range(12)]
+    for r, col, value in cells:
+        rows[r % len(rows)][cols.index(col)] = value
+    if shape == "csv":
+        return "\n".join([",".join(cols)] + [",".join(r) for r in rows]).encode() + b"\n"
+    head = ["#separator \\x09", "#set_separator\t,", "#empty_field\t(empty)", "#unset_field\t-", "#path\tconn",
+            "#open\t2018-10-25-12-08-23", "#fields\t" + "\t".join(cols), "#types\t" + "\t".join("string" for _ in cols)]
+    return "\n".join(head + ["\t".join(r) for r in rows]).encode() + b"\n"
+
+
+@pytest.mark.parametrize("shape", ["csv", "tsv"])
+def test_numbers_read_by_pyarrow_equal_the_line_path(shape):
+    """The fast paths let pyarrow read the numeric columns as numbers (common.fast_records(types=...));
+    whatever those cells hold, the flows and the quarantine (raw text and reason) are exactly the
+    line path's, which casts text."""
+    from nadray.ingest.common import split_lines
+
+    slow = zeek._read_csv if shape == "csv" else zeek._read_tsv
+
+    def rows(res):
+        q = res.quarantine
+        return (res.read, res.flows.to_pylist(), list(zip(q["source_row"].to_pylist(), q["raw"].to_pylist(),
+                                                          q["reason"].to_pylist())))
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(st.lists(st.tuples(st.integers(0, 11), st.sampled_from(ZEEK_NUMBER_COLS), NUMBERISH), max_size=4))
+    def run(cells):
+        data = _zeek_file(shape, [(r, c, v.replace(",", ";") if shape == "csv" else v.replace("\t", " "))
+                                  for r, c, v in cells])
+        assert rows(zeek.read(data, "conn")) == rows(slow(split_lines(data), "conn"))
+
+    run()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"0", b"x", b"X", b"0x", b",", b"\t", b"\n", b"-", b"+", b"a", b" ", b"5"]), max_size=40),
+       st.integers(0, 8), st.sampled_from([b",", b"\t"]), st.sampled_from([3, 64, 1 << 18]), st.integers(1, 16))
+def test_scans_never_miss_a_hex_field_or_padding(parts, start, sep, piece, cpus):
+    """Numbers may be read by pyarrow only if no field could be hex (Arrow reads '0x1f', the rules
+    refuse it), and trimming is skipped only without padding: scan_records must say so, split
+    over any number of threads as in one."""
+    import re
+
+    from nadray.ingest import common
+
+    body = b"".join(parts)
+    start = min(start, len(body))
+    old = common._PAD_SCAN, common.local_cpus
+    common._PAD_SCAN, common.local_cpus = piece, (lambda: cpus)
+    try:
+        padded, hazard = common.scan_records(body, start, None, sep)
+        one = common.has_padding(body, start, None, sep), common.number_hazard(body, start, None, sep)
+    finally:
+        common._PAD_SCAN, common.local_cpus = old
+    assert (padded, hazard) == one
+    rest = body[start:]
+    fields = re.split(re.escape(sep) + b"|\n", rest)
+    if any(f.lstrip(b"+-")[:2].lower() == b"0x" for f in fields):
+        assert hazard
+    if b"x" not in rest.lower():
+        assert not hazard
+    assert padded == any(c not in b"\n" + sep and not 0x21 <= c <= 0x7E for c in rest)

@@ -32,6 +32,7 @@ import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -39,8 +40,8 @@ import pyarrow.compute as pc
 
 from nadray.errors import InputError
 from nadray.ingest.common import (
-    ReadResult, Records, Validator, assemble, concat_results, convert_in_chunks, decode_raw, fast_records, has_padding,
-    label_of_text, map_labels, split_lines, split_records, strip_bom,
+    ReadResult, Records, TypedMiss, Validator, assemble, concat_results, convert_in_chunks, decode_raw, fast_records,
+    label_of_text, map_labels, scan_records, split_lines, split_records, strip_bom,
 )
 
 FORMAT = "zeek"
@@ -50,6 +51,11 @@ LABEL_COLS = ("label",)
 DETAIL_COLS = ("detailed-label", "detailedlabel", "detailed_label")
 USED = set(REQUIRED) | {"id.orig_p", "id.resp_p", "duration", "orig_bytes", "resp_bytes", "orig_pkts", "resp_pkts",
                         "conn_state", "service", "local_orig", "local_resp"} | set(LABEL_COLS) | set(DETAIL_COLS)
+# The fast paths let pyarrow.csv read these as numbers, in its parallel parse, instead of
+# casting text afterwards (on 16 cores the conversion was most of ingest's time).
+NUMBERS = {"ts": pa.float64(), "duration": pa.float64(), "id.orig_p": pa.int64(), "id.resp_p": pa.int64(),
+           "orig_bytes": pa.int64(), "resp_bytes": pa.int64(), "orig_pkts": pa.int64(), "resp_pkts": pa.int64()}
+CSV_NULLS = ("", "-", "(empty)")
 
 
 def is_conn_columns(cols) -> bool:
@@ -104,10 +110,15 @@ def _read_tsv_fast(data: bytes, source: str) -> ReadResult | None:
     _check_columns(columns, source)
     unset = next((h.split(b"\t", 1)[1].decode() for h in header if h.startswith(b"#unset_field\t")), "-")
     empty = next((h.split(b"\t", 1)[1].decode() for h in header if h.startswith(b"#empty_field\t")), "(empty)")
-    recs = fast_records(data, columns, b"\t", keep=USED, start=start, end=end)
-    if recs is None:
-        return None
-    return _convert(recs, source, nulls=(unset, empty, ""), trim=False)
+    nulls = (unset, empty, "")
+    with ThreadPoolExecutor(1, thread_name_prefix="nadray-scan") as pool:
+        scan = pool.submit(scan_records, data, start, end, b"\t")
+        recs = fast_records(data, columns, b"\t", keep=USED, start=start, end=end, types=NUMBERS, nulls=nulls)
+        padded, hazard = scan.result()
+    # Trimmed where padded, as the line path trims (_read_tsv_run): a value means the same
+    # whichever path its file takes.
+    return _convert_fast(recs, hazard, lambda: fast_records(data, columns, b"\t", keep=USED, start=start, end=end),
+                         source, nulls, padded=padded)
 
 
 @dataclass
@@ -212,14 +223,31 @@ def _read_csv_fast(data: bytes, source: str) -> ReadResult | None:
     if data[start:start + 1] in (b"", b"\n"):
         return None
     columns, sep = _csv_header(first, source)
-    # Both release the GIL: with cores to spare the padding scan costs no time.
-    with ThreadPoolExecutor(1, thread_name_prefix="nadray-padding") as pool:
-        scan = pool.submit(has_padding, data, start)
-        recs = fast_records(data, columns, sep, keep=USED, start=start)
-        padded = scan.result()
+    # Both release the GIL: with cores to spare the scans cost no time.
+    with ThreadPoolExecutor(1, thread_name_prefix="nadray-scan") as pool:
+        scan = pool.submit(scan_records, data, start, None, sep)
+        recs = fast_records(data, columns, sep, keep=USED, start=start, types=NUMBERS, nulls=CSV_NULLS)
+        padded, hazard = scan.result()
+    return _convert_fast(recs, hazard, lambda: fast_records(data, columns, sep, keep=USED, start=start),
+                         source, CSV_NULLS, padded=padded)
+
+
+def _convert_fast(recs: Records | None, hazard: bool, as_text: Callable[[], Records | None], source: str,
+                  nulls, padded: bool) -> ReadResult | None:
+    """Convert a fast path's records. Numbers read as such are used unless a value may mean
+    something else to Arrow than to the rules (``hazard``) or one breaks a rule (TypedMiss):
+    then the records are read again as text, so the flows and the quarantine (which quotes
+    raw values) are exactly the line path's. A clean file is read once."""
+    if recs is not None and recs.typed:
+        if not hazard:
+            try:
+                return _convert(recs, source, nulls=nulls, padded=padded)
+            except TypedMiss:
+                pass
+        recs = as_text()
     if recs is None:
         return None
-    return _convert(recs, source, nulls=("", "-", "(empty)"), padded=padded)
+    return _convert(recs, source, nulls=nulls, padded=padded)
 
 
 def _read_csv(lines: list[bytes], source: str) -> ReadResult:
@@ -316,17 +344,16 @@ def _zeek_label_detail(label: pa.Array, detail: pa.Array | None, nulls, strip=pc
     return pc.if_else(det_set, joined, lab)
 
 
-def _convert(recs: Records, source: str, nulls, missing_ok: bool = False, trim: bool = True,
-             padded: bool = True) -> ReadResult:
-    """String columns -> canonical flows. ``trim``: strip padding from values before the
-    rules; ``padded=False`` says no value has any (``common.has_padding``), so no trim runs."""
-    return convert_in_chunks(recs, lambda r: _convert_rows(r, source, nulls, missing_ok, trim, padded))
+def _convert(recs: Records, source: str, nulls, missing_ok: bool = False, padded: bool = True) -> ReadResult:
+    """String (or number, ``Records.typed``) columns -> canonical flows. Values are trimmed
+    before the rules unless ``padded=False`` says none has padding (``common.has_padding``)."""
+    return convert_in_chunks(recs, lambda r: _convert_rows(r, source, nulls, missing_ok, padded))
 
 
-def _convert_rows(recs: Records, source: str, nulls, missing_ok: bool, trim: bool, padded: bool) -> ReadResult:
+def _convert_rows(recs: Records, source: str, nulls, missing_ok: bool, padded: bool) -> ReadResult:
     t = recs.table
     n = t.num_rows
-    v = Validator(n, trim=trim and padded)
+    v = Validator(n, trim=padded)
     strip = pc.utf8_trim_whitespace if padded else (lambda a: a)
     names = t.column_names
 
