@@ -114,13 +114,13 @@ def test_fuzz_parser(cases, name):
 def test_has_padding_never_misses_what_trimming_would_remove(body, start, piece):
     """Skipping the trim is safe only if no value can start or end with a byte it removes:
     has_padding must say True whenever body[start:] holds one of them, or any non-ASCII byte."""
-    from nadray.ingest import common
+    from nadray.ingest import scan
 
-    old, common._PAD_SCAN = common._PAD_SCAN, piece
+    old, scan._PAD_SCAN = scan._PAD_SCAN, piece
     try:
-        got = common.has_padding(body, start)
+        got = scan.has_padding(body, start)
     finally:
-        common._PAD_SCAN = old
+        scan._PAD_SCAN = old
     rest = body[start:]
     trimmed = b" \t\x0b\x0c\r\x1c\x1d\x1e\x1f"
     if not rest.isascii() or any(c in trimmed for c in rest):
@@ -142,13 +142,18 @@ NUMBERISH = st.one_of(
     st.text(alphabet="0123456789xX.+-e ", max_size=8),
 )
 ZEEK_NUMBER_COLS = ["ts", "id.orig_p", "id.resp_p", "duration", "orig_bytes", "resp_bytes", "orig_pkts", "resp_pkts"]
+# ... and the text columns, whose null spellings the same parse reads as null.
+TEXTISH = st.one_of(st.sampled_from(["", "-", "(empty)", " - ", " ", "--", "T", "F", "t", "yes", "tcp", " UDP ", "Benign",
+                                     "Malicious", "C&C", "(empty)   Malicious", "\u00a0-"]),
+                    st.text(alphabet="-TF(empty) ab", max_size=6))
+ZEEK_TEXT_COLS = ["id.orig_h", "id.resp_h", "proto", "service", "conn_state", "local_orig", "label", "detailed-label"]
 
 
 def _zeek_file(shape: str, cells: list[tuple[int, str, str]]) -> bytes:
     cols = ["ts", "uid", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p", "proto", "service", "duration",
-            "orig_bytes", "resp_bytes", "conn_state", "orig_pkts", "resp_pkts", "label", "detailed-label"]
+            "orig_bytes", "resp_bytes", "conn_state", "local_orig", "orig_pkts", "resp_pkts", "label", "detailed-label"]
     rows = [["1540469303.5", "Cx0x%d" % i, "192.168.1.%d" % i, str(58680 + i), "8.8.8.8", "53", "udp", "dns", "0.1",
-             "48", "96", "SF", "2", "2", "benign", "-"] for i in range(12)]
+             "48", "96", "SF", "-", "2", "2", "benign", "-"] for i in range(12)]
     for r, col, value in cells:
         rows[r % len(rows)][cols.index(col)] = value
     if shape == "csv":
@@ -160,9 +165,9 @@ def _zeek_file(shape: str, cells: list[tuple[int, str, str]]) -> bytes:
 
 @pytest.mark.parametrize("shape", ["csv", "tsv"])
 def test_numbers_read_by_pyarrow_equal_the_line_path(shape):
-    """The fast paths let pyarrow read the numeric columns as numbers (common.fast_records(types=...));
-    whatever those cells hold, the flows and the quarantine (raw text and reason) are exactly the
-    line path's, which casts text."""
+    """The fast paths let pyarrow read the numeric columns as numbers and the null spellings as
+    null (common.fast_records(types=...)); whatever the cells hold, the flows and the quarantine
+    (raw text and reason) are exactly the line path's, which reads and casts text."""
     from nadray.ingest.common import split_lines
 
     slow = zeek._read_csv if shape == "csv" else zeek._read_tsv
@@ -173,7 +178,8 @@ def test_numbers_read_by_pyarrow_equal_the_line_path(shape):
                                                           q["reason"].to_pylist())))
 
     @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-    @given(st.lists(st.tuples(st.integers(0, 11), st.sampled_from(ZEEK_NUMBER_COLS), NUMBERISH), max_size=4))
+    @given(st.lists(st.one_of(st.tuples(st.integers(0, 11), st.sampled_from(ZEEK_NUMBER_COLS), NUMBERISH),
+                              st.tuples(st.integers(0, 11), st.sampled_from(ZEEK_TEXT_COLS), TEXTISH)), max_size=5))
     def run(cells):
         data = _zeek_file(shape, [(r, c, v.replace(",", ";") if shape == "csv" else v.replace("\t", " "))
                                   for r, c, v in cells])
@@ -183,7 +189,8 @@ def test_numbers_read_by_pyarrow_equal_the_line_path(shape):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.sampled_from([b"0", b"x", b"X", b"0x", b",", b"\t", b"\n", b"-", b"+", b"a", b" ", b"5"]), max_size=40),
+@given(st.lists(st.sampled_from([b"0", b"x", b"X", b"0x", b",", b"\t", b"\n", b"-", b"+", b"a", b" ", b"5", b"\x7f",
+                                 b"\x01", b"\xc3\xa9"]), max_size=40),
        st.integers(0, 8), st.sampled_from([b",", b"\t"]), st.sampled_from([3, 64, 1 << 18]), st.integers(1, 16))
 def test_scans_never_miss_a_hex_field_or_padding(parts, start, sep, piece, cpus):
     """Numbers may be read by pyarrow only if no field could be hex (Arrow reads '0x1f', the rules
@@ -191,17 +198,17 @@ def test_scans_never_miss_a_hex_field_or_padding(parts, start, sep, piece, cpus)
     over any number of threads as in one."""
     import re
 
-    from nadray.ingest import common
+    from nadray.ingest import scan
 
     body = b"".join(parts)
     start = min(start, len(body))
-    old = common._PAD_SCAN, common.local_cpus
-    common._PAD_SCAN, common.local_cpus = piece, (lambda: cpus)
+    old = scan._PAD_SCAN, scan.local_cpus
+    scan._PAD_SCAN, scan.local_cpus = piece, (lambda: cpus)
     try:
-        padded, hazard = common.scan_records(body, start, None, sep)
-        one = common.has_padding(body, start, None, sep), common.number_hazard(body, start, None, sep)
+        padded, hazard = scan.scan_records(body, start, None, sep)
+        one = scan.has_padding(body, start, None, sep), scan.number_hazard(body, start, None, sep)
     finally:
-        common._PAD_SCAN, common.local_cpus = old
+        scan._PAD_SCAN, scan.local_cpus = old
     assert (padded, hazard) == one
     rest = body[start:]
     fields = re.split(re.escape(sep) + b"|\n", rest)
@@ -209,4 +216,4 @@ def test_scans_never_miss_a_hex_field_or_padding(parts, start, sep, piece, cpus)
         assert hazard
     if b"x" not in rest.lower():
         assert not hazard
-    assert padded == any(c not in b"\n" + sep and not 0x21 <= c <= 0x7E for c in rest)
+    assert padded == any(c not in b"\n" + sep and not 0x21 <= c <= 0x7F for c in rest)

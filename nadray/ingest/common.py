@@ -189,8 +189,8 @@ def _read_strings(blob: bytes | pa.Buffer, columns: list[str], sep: bytes, expec
 
     ``expected``: the record count (0 reads nothing); None where the caller knows that
     each line is one record and takes the count from the table. ``types``: columns that
-    pyarrow reads as numbers instead (Arrow's number parsers, as ``cast`` uses), with
-    ``nulls`` as their null spellings; text columns are never null."""
+    pyarrow reads as numbers instead (Arrow's number parsers, as ``cast`` uses); then
+    ``nulls`` (exact spellings) are read as null in every column, text too."""
     uniq = unique_names(columns)
     keep_set = set(keep) if keep is not None else None
     if expected == 0:
@@ -207,7 +207,7 @@ def _read_strings(blob: bytes | pa.Buffer, columns: list[str], sep: bytes, expec
             newlines_in_values=False, ignore_empty_lines=False,
         ),
         convert_options=pacsv.ConvertOptions(
-            column_types={c: types.get(back[c], pa.string()) for c in names}, strings_can_be_null=False,
+            column_types={c: types.get(back[c], pa.string()) for c in names}, strings_can_be_null=bool(types),
             null_values=list(nulls) if types else [], quoted_strings_can_be_null=False, include_columns=include,
         ),
     )
@@ -269,10 +269,14 @@ class Validator:
     columns; Python only formats the reasons of failing rows.
     """
 
-    def __init__(self, n: int, trim: bool = True):
+    def __init__(self, n: int, trim: bool = True, typed: bool = False):
         self.n = n
         self.errors: dict[int, str] = {}
-        self._trim = trim  # False where no value has padding (has_padding): trimming would copy for nothing
+        self._trim = trim  # False where no value has padding (scan.has_padding): trimming would copy for nothing
+        # Records.typed: the parse read numbers and nulls itself, so a broken rule cannot quote
+        # the raw text (fail raises TypedMiss); without padding every null spelling is null.
+        self.typed = typed
+        self._nulls_parsed = typed and not trim
 
     def trim(self, arr: pa.Array) -> pa.Array:
         return pc.utf8_trim_whitespace(arr) if self._trim else arr
@@ -283,6 +287,8 @@ class Validator:
         if m.dtype != bool:
             m = m.astype(bool)
         idx = np.flatnonzero(m)
+        if self.typed and idx.size:
+            raise TypedMiss(name)
         for i in idx.tolist():
             if i not in self.errors:
                 v = values[i]
@@ -316,14 +322,24 @@ class Validator:
             return listed
         return pc.or_kleene(pc.is_null(arr), listed)
 
+    def unset(self, arr: pa.Array, nulls: Iterable[str]) -> pa.Array:
+        """null_mask, or a bitmap read where the parse already made every null spelling null."""
+        return pc.is_null(arr) if self._nulls_parsed else self.null_mask(arr, nulls)
+
     def required(self, arr: pa.Array, name: str, nulls: Iterable[str] = ("", "-")) -> pa.Array:
         """A non-empty string; nulls break the 'required' rule."""
+        if self._nulls_parsed:
+            if arr.null_count:
+                raise TypedMiss(name)
+            return arr
         arr = self.trim(arr)
         isnull = self.null_mask(arr, nulls)
         self.fail(isnull, name, "a value (required field)", arr)
         return arr
 
     def optional_str(self, arr: pa.Array, nulls: Iterable[str] = ("", "-")) -> pa.Array:
+        if self._nulls_parsed:
+            return arr
         arr = self.trim(arr)
         return pc.if_else(self.null_mask(arr, nulls), pa.scalar(None, pa.string()), arr)
 
@@ -736,32 +752,6 @@ def _blank(line: bytes) -> bool:
     return not line.strip()
 
 
-# Bytes has_padding compares at a time: a piece stays in cache across its passes
-# (50 MB in 256 KB pieces: 11 ms; in 1 MB pieces: 48 ms, on the 2-core machine).
-_PAD_SCAN = 1 << 18
-
-
-def has_padding(body: bytes, start: int = 0, end: int | None = None, sep: bytes = b",") -> bool:
-    """Whether some value of ``body[start:end]`` may carry whitespace that trimming would remove.
-
-    False only for ASCII text whose only bytes below ``!`` are the LFs that end lines (and
-    the separator, a TAB): then every ``utf8_trim_whitespace`` of its fields is a no-op and
-    can be skipped. Any other control byte, or a non-ASCII one, gives True: that errs on
-    the safe side (trimming runs). numpy releases the GIL, so the scan runs beside
-    pyarrow's parse of the bytes.
-    """
-    a = np.frombuffer(body, np.uint8)
-    end = len(a) if end is None else end
-    tab = 0x09 if sep == b"\t" else 0
-    for lo in range(start, end, _PAD_SCAN):
-        piece = a[lo:min(lo + _PAD_SCAN, end)]
-        # '!'..DEL map to 0..0x5e; every byte below '!' (LF too) or above DEL maps higher.
-        outside = np.count_nonzero(np.subtract(piece, 0x21, dtype=np.uint8) > 0x5E)
-        if outside and outside > np.count_nonzero(piece == 0x0A) + (np.count_nonzero(piece == tab) if tab else 0):
-            return True
-    return False
-
-
 def fast_records(body: bytes, columns: list[str], sep: bytes, keep: Iterable[str] | None = None,
                  start: int = 0, end: int | None = None, types: Mapping[str, pa.DataType] | None = None,
                  nulls: Sequence[str] = ()) -> Records | None:
@@ -773,10 +763,10 @@ def fast_records(body: bytes, columns: list[str], sep: bytes, keep: Iterable[str
     pyarrow itself rejects a wrong field count or bad UTF-8, so nothing is checked per
     line, and the records are split into lines only if one must be quarantined later.
 
-    ``types``: columns pyarrow reads as numbers (``nulls``: their null spellings) instead
-    of as text for the Validator to cast, which skips most of the conversion's kernel
-    calls (Records.typed). A value no number parser reads (an ISO time, ``+7``) makes
-    the whole input read as text, as without ``types``.
+    ``types``: columns pyarrow reads as numbers instead of as text for the Validator to
+    cast, and ``nulls`` it reads as null in every column, which skips most of the
+    conversion's kernel calls (Records.typed). A value no number parser reads (an ISO
+    time, ``+7``) makes the whole input read as text, as without ``types``.
     """
     end = len(body) if end is None else end
     if start >= end or body.find(b"\r", start, end) >= 0 or body[start:start + 1] in (b"\n", b" ", b"\t"):
@@ -803,61 +793,9 @@ def fast_records(body: bytes, columns: list[str], sep: bytes, keep: Iterable[str
     # pyarrow reads a blank line as a record of empty fields; those go to split_records,
     # which drops them. Searching the body for b"\n\n" is slow (LF is everywhere), so look
     # only when some record has an empty first field, as a blank line's would.
-    first = table.column(0) if table.num_columns else None
-    if (first is None or pc.any(pc.equal(first, "") if pa.types.is_string(first.type) else pc.is_null(first)).as_py()) \
+    first = table.column(0) if table.num_columns else None  # with types, "" reads as null
+    if (first is None or pc.any(pc.is_null(first) if types else pc.equal(first, "")).as_py()) \
             and body.find(b"\n\n", start, end) >= 0:
         return None
     return Records(columns, table, np.arange(n, dtype=np.int64), _Lines(body, n, start, end), [], n,
                    typed=any(not pa.types.is_string(t) for t in table.schema.types))
-
-
-def number_hazard(body: bytes, start: int = 0, end: int | None = None, sep: bytes = b",") -> bool:
-    """Whether pyarrow's number parsing of ``body[start:end]`` may accept a value that the
-    Validator's rules refuse, so typed columns (``fast_records(types=...)``) must not be used.
-
-    One such value: a field that starts with ``0x`` (Arrow reads hex integers; the rules
-    take decimal only). Arrow also trims spaces and TABs around a number, as the rules do
-    (``utf8_trim_whitespace``, which removes more: what it alone removes, Arrow refuses).
-    Errs on the safe side: any ``0x`` after a separator, a line start or a sign counts.
-    numpy releases the GIL, so the scan runs beside pyarrow's parse.
-    """
-    return _number_hazard(body, start, len(body) if end is None else end, start, sep)
-
-
-def _number_hazard(body: bytes, lo: int, hi: int, first: int, sep: bytes) -> bool:
-    """number_hazard over ``body[lo:hi]``, of records that begin at ``first``."""
-    a = np.frombuffer(body, np.uint8)
-    for p in range(lo, hi, _PAD_SCAN):
-        piece = a[p:min(p + _PAD_SCAN, hi)]
-        xs = np.flatnonzero((piece | 0x20) == 0x78) + p  # 'x' or 'X'
-        xs = xs[xs > first]
-        zeros = xs[a[xs - 1] == 0x30]
-        if zeros.size:
-            prev = a[np.maximum(zeros - 2, 0)]
-            if np.any((zeros - 2 < first) | (prev == sep[0]) | (prev == 0x0A) | (prev == 0x2D) | (prev == 0x2B)):
-                return True
-    return False
-
-
-# At most this many threads scan one input's bytes (has_padding, number_hazard), one per 4
-# cores: they run beside pyarrow's parse, which takes the other cores. On the 16-core
-# machine one thread scanned 51 MB in 39 ms, longer than the parse beside it (28 ms).
-SCAN_MAX_THREADS = 4
-
-
-def scan_records(body: bytes, start: int, end: int | None, sep: bytes) -> tuple[bool, bool]:
-    """``(has_padding, number_hazard)`` of ``body[start:end]``, on byte ranges in threads
-    where there are cores to spare (numpy releases the GIL). Either scan stops its range at
-    its first finding."""
-    end = len(body) if end is None else end
-    k = max(1, min(local_cpus() // 4, SCAN_MAX_THREADS, (end - start) // (4 * _PAD_SCAN)))
-    cuts = [start + (end - start) * i // k for i in range(k + 1)]
-
-    def one(lo: int, hi: int) -> tuple[bool, bool]:
-        return has_padding(body, lo, hi, sep), _number_hazard(body, lo, hi, start, sep)
-
-    if k == 1:
-        return one(start, end)
-    with ThreadPoolExecutor(k, thread_name_prefix="nadray-scan") as pool:
-        found = list(pool.map(one, cuts[:-1], cuts[1:]))
-    return any(p for p, _ in found), any(h for _, h in found)

@@ -41,8 +41,9 @@ import pyarrow.compute as pc
 from nadray.errors import InputError
 from nadray.ingest.common import (
     ReadResult, Records, TypedMiss, Validator, assemble, concat_results, convert_in_chunks, decode_raw, fast_records,
-    label_of_text, map_labels, scan_records, split_lines, split_records, strip_bom,
+    label_of_text, map_labels, split_lines, split_records, strip_bom,
 )
+from nadray.ingest.scan import scan_records
 
 FORMAT = "zeek"
 REQUIRED = ["ts", "id.orig_h", "id.resp_h", "proto"]
@@ -323,7 +324,7 @@ def _check_columns(columns: list[str], source: str) -> None:
 
 def _bool(v: Validator, arr: pa.Array, name: str, nulls, strip=pc.utf8_trim_whitespace) -> pa.Array:
     arr = strip(arr)
-    isnull = v.null_mask(arr, nulls)
+    isnull = v.unset(arr, nulls)
     if pc.all(isnull).as_py():  # unset in the whole log, as in most captures: nothing to read
         return pa.nulls(len(arr), pa.bool_())
     low = pc.utf8_lower(arr)
@@ -333,27 +334,27 @@ def _bool(v: Validator, arr: pa.Array, name: str, nulls, strip=pc.utf8_trim_whit
     return pc.if_else(t, True, pc.if_else(f, False, pa.scalar(None, pa.bool_())))
 
 
-def _zeek_label_detail(label: pa.Array, detail: pa.Array | None, nulls, strip=pc.utf8_trim_whitespace) -> pa.Array:
-    lab = strip(label)
-    lab = pc.if_else(Validator.null_mask(lab, nulls), pa.scalar(None, pa.string()), lab)
+def _zeek_label_detail(v: Validator, label: pa.Array, detail: pa.Array | None, nulls,
+                       strip=pc.utf8_trim_whitespace) -> pa.Array:
+    lab = v.optional_str(label, nulls)  # trimmed there where padded
     if detail is None:
         return lab
     det = strip(detail)
-    det_set = pc.invert(Validator.null_mask(det, nulls))
+    det_set = pc.invert(v.unset(det, nulls))
     joined = pc.binary_join_element_wise(pc.fill_null(lab, ""), det, ": ")
     return pc.if_else(det_set, joined, lab)
 
 
 def _convert(recs: Records, source: str, nulls, missing_ok: bool = False, padded: bool = True) -> ReadResult:
     """String (or number, ``Records.typed``) columns -> canonical flows. Values are trimmed
-    before the rules unless ``padded=False`` says none has padding (``common.has_padding``)."""
+    before the rules unless ``padded=False`` says none has padding (``scan.has_padding``)."""
     return convert_in_chunks(recs, lambda r: _convert_rows(r, source, nulls, missing_ok, padded))
 
 
 def _convert_rows(recs: Records, source: str, nulls, missing_ok: bool, padded: bool) -> ReadResult:
     t = recs.table
     n = t.num_rows
-    v = Validator(n, trim=padded)
+    v = Validator(n, trim=padded, typed=recs.typed)
     strip = pc.utf8_trim_whitespace if padded else (lambda a: a)
     names = t.column_names
 
@@ -383,7 +384,7 @@ def _convert_rows(recs: Records, source: str, nulls, missing_ok: bool, padded: b
     lab = next((col(c) for c in LABEL_COLS if c in names), None)
     if lab is not None:
         det = next((col(c) for c in DETAIL_COLS if c in names), None)
-        text = _zeek_label_detail(lab, det, nulls, strip)
+        text = _zeek_label_detail(v, lab, det, nulls, strip)
         out["label_detail"] = text
         out["label"] = map_labels(strip(lab), label_of_text)
     return assemble(source, FORMAT, recs.read, recs.rows, out, v, recs.lines, recs.bad)
