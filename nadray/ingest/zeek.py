@@ -41,9 +41,8 @@ import pyarrow.compute as pc
 from nadray.errors import InputError
 from nadray.ingest.common import (
     ReadResult, Records, TypedMiss, Validator, assemble, concat_results, convert_in_chunks, decode_raw, fast_records,
-    label_of_text, map_labels, split_lines, split_records, strip_bom,
+    has_padding, label_of_text, map_labels, split_lines, split_records, strip_bom,
 )
-from nadray.ingest.scan import scan_records
 
 FORMAT = "zeek"
 REQUIRED = ["ts", "id.orig_h", "id.resp_h", "proto"]
@@ -52,10 +51,12 @@ LABEL_COLS = ("label",)
 DETAIL_COLS = ("detailed-label", "detailedlabel", "detailed_label")
 USED = set(REQUIRED) | {"id.orig_p", "id.resp_p", "duration", "orig_bytes", "resp_bytes", "orig_pkts", "resp_pkts",
                         "conn_state", "service", "local_orig", "local_resp"} | set(LABEL_COLS) | set(DETAIL_COLS)
-# The fast paths let pyarrow.csv read these as numbers, in its parallel parse, instead of
-# casting text afterwards (on 16 cores the conversion was most of ingest's time).
-NUMBERS = {"ts": pa.float64(), "duration": pa.float64(), "id.orig_p": pa.int64(), "id.resp_p": pa.int64(),
-           "orig_bytes": pa.int64(), "resp_bytes": pa.int64(), "orig_pkts": pa.int64(), "resp_pkts": pa.int64()}
+# The fast paths let pyarrow.csv read these as numbers, and the null spellings as null, in
+# its parallel parse, instead of the conversion casting and comparing text afterwards (on
+# 16 cores the conversion was most of ingest's time). Integers stay text: Arrow's integer
+# parser reads '0x1f', which the rules refuse, and finding hex fields in the bytes cost
+# more than the cast (Validator.integer checks each column's own bytes).
+NUMBERS = {"ts": pa.float64(), "duration": pa.float64()}
 CSV_NULLS = ("", "-", "(empty)")
 
 
@@ -112,13 +113,13 @@ def _read_tsv_fast(data: bytes, source: str) -> ReadResult | None:
     unset = next((h.split(b"\t", 1)[1].decode() for h in header if h.startswith(b"#unset_field\t")), "-")
     empty = next((h.split(b"\t", 1)[1].decode() for h in header if h.startswith(b"#empty_field\t")), "(empty)")
     nulls = (unset, empty, "")
-    with ThreadPoolExecutor(1, thread_name_prefix="nadray-scan") as pool:
-        scan = pool.submit(scan_records, data, start, end, b"\t")
+    with ThreadPoolExecutor(1, thread_name_prefix="nadray-padding") as pool:
+        scan = pool.submit(has_padding, data, start, end, b"\t")
         recs = fast_records(data, columns, b"\t", keep=USED, start=start, end=end, types=NUMBERS, nulls=nulls)
-        padded, hazard = scan.result()
+        padded = scan.result()
     # Trimmed where padded, as the line path trims (_read_tsv_run): a value means the same
     # whichever path its file takes.
-    return _convert_fast(recs, hazard, lambda: fast_records(data, columns, b"\t", keep=USED, start=start, end=end),
+    return _convert_fast(recs, lambda: fast_records(data, columns, b"\t", keep=USED, start=start, end=end),
                          source, nulls, padded=padded)
 
 
@@ -224,28 +225,26 @@ def _read_csv_fast(data: bytes, source: str) -> ReadResult | None:
     if data[start:start + 1] in (b"", b"\n"):
         return None
     columns, sep = _csv_header(first, source)
-    # Both release the GIL: with cores to spare the scans cost no time.
-    with ThreadPoolExecutor(1, thread_name_prefix="nadray-scan") as pool:
-        scan = pool.submit(scan_records, data, start, None, sep)
+    # Both release the GIL: with cores to spare the padding scan costs no time.
+    with ThreadPoolExecutor(1, thread_name_prefix="nadray-padding") as pool:
+        scan = pool.submit(has_padding, data, start)
         recs = fast_records(data, columns, sep, keep=USED, start=start, types=NUMBERS, nulls=CSV_NULLS)
-        padded, hazard = scan.result()
-    return _convert_fast(recs, hazard, lambda: fast_records(data, columns, sep, keep=USED, start=start),
+        padded = scan.result()
+    return _convert_fast(recs, lambda: fast_records(data, columns, sep, keep=USED, start=start),
                          source, CSV_NULLS, padded=padded)
 
 
-def _convert_fast(recs: Records | None, hazard: bool, as_text: Callable[[], Records | None], source: str,
+def _convert_fast(recs: Records | None, as_text: Callable[[], Records | None], source: str,
                   nulls, padded: bool) -> ReadResult | None:
-    """Convert a fast path's records. Numbers read as such are used unless a value may mean
-    something else to Arrow than to the rules (``hazard``) or one breaks a rule (TypedMiss):
-    then the records are read again as text, so the flows and the quarantine (which quotes
-    raw values) are exactly the line path's. A clean file is read once."""
+    """Convert a fast path's records. Numbers and nulls read by the parse are used unless a
+    value breaks a rule (TypedMiss): then the records are read again as text, so the flows
+    and the quarantine (which quotes raw values) are exactly the line path's. A clean file
+    is read once."""
     if recs is not None and recs.typed:
-        if not hazard:
-            try:
-                return _convert(recs, source, nulls=nulls, padded=padded)
-            except TypedMiss:
-                pass
-        recs = as_text()
+        try:
+            return _convert(recs, source, nulls=nulls, padded=padded)
+        except TypedMiss:
+            recs = as_text()
     if recs is None:
         return None
     return _convert(recs, source, nulls=nulls, padded=padded)
@@ -347,7 +346,7 @@ def _zeek_label_detail(v: Validator, label: pa.Array, detail: pa.Array | None, n
 
 def _convert(recs: Records, source: str, nulls, missing_ok: bool = False, padded: bool = True) -> ReadResult:
     """String (or number, ``Records.typed``) columns -> canonical flows. Values are trimmed
-    before the rules unless ``padded=False`` says none has padding (``scan.has_padding``)."""
+    before the rules unless ``padded=False`` says none has padding (``common.has_padding``)."""
     return convert_in_chunks(recs, lambda r: _convert_rows(r, source, nulls, missing_ok, padded))
 
 
