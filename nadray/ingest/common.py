@@ -83,8 +83,9 @@ class Records:
     lines: Sequence[bytes]  # the raw text of each good record (for quarantine)
     bad: list[tuple[int, str, str]]  # (source_row, raw, reason) of records failing the split
     read: int  # number of data records
-    # True when pyarrow.csv already read some columns as numbers (``fast_records(types=...)``):
-    # the Validator then only checks their rules, and raises TypedMiss where one breaks.
+    # True when pyarrow.csv already read the null spellings as null and some columns as numbers
+    # (``fast_records(types=...)``): the Validator then only checks the rules, and raises
+    # TypedMiss where one breaks (a parsed null cannot be quoted as its raw text).
     typed: bool = False
 
 
@@ -819,4 +820,4 @@ def fast_records(body: bytes, columns: list[str], sep: bytes, keep: Iterable[str
             and body.find(b"\n\n", start, end) >= 0:
         return None
     return Records(columns, table, np.arange(n, dtype=np.int64), _Lines(body, n, start, end), [], n,
-                   typed=any(not pa.types.is_string(t) for t in table.schema.types))
+                   typed=bool(types))
