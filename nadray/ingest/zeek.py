@@ -32,7 +32,6 @@ import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -112,15 +111,7 @@ def _read_tsv_fast(data: bytes, source: str) -> ReadResult | None:
     _check_columns(columns, source)
     unset = next((h.split(b"\t", 1)[1].decode() for h in header if h.startswith(b"#unset_field\t")), "-")
     empty = next((h.split(b"\t", 1)[1].decode() for h in header if h.startswith(b"#empty_field\t")), "(empty)")
-    nulls = (unset, empty, "")
-    with ThreadPoolExecutor(1, thread_name_prefix="nadray-padding") as pool:
-        scan = pool.submit(has_padding, data, start, end, b"\t")
-        recs = fast_records(data, columns, b"\t", keep=USED, start=start, end=end, types=NUMBERS, nulls=nulls)
-        padded = scan.result()
-    # Trimmed where padded, as the line path trims (_read_tsv_run): a value means the same
-    # whichever path its file takes.
-    return _convert_fast(recs, lambda: fast_records(data, columns, b"\t", keep=USED, start=start, end=end),
-                         source, nulls, padded=padded)
+    return _read_records_fast(data, columns, b"\t", start, end, (unset, empty, ""), source)
 
 
 @dataclass
@@ -225,26 +216,27 @@ def _read_csv_fast(data: bytes, source: str) -> ReadResult | None:
     if data[start:start + 1] in (b"", b"\n"):
         return None
     columns, sep = _csv_header(first, source)
-    # Both release the GIL: with cores to spare the padding scan costs no time.
+    return _read_records_fast(data, columns, sep, start, None, CSV_NULLS, source)
+
+
+def _read_records_fast(data: bytes, columns: list[str], sep: bytes, start: int, end: int | None, nulls,
+                       source: str) -> ReadResult | None:
+    """Both fast paths' records ``data[start:end]``: one ``pyarrow.csv`` call that reads the
+    floats and the null spellings itself (``fast_records(types=...)``), with the padding scan
+    beside it (both release the GIL), then the conversion. Where a value breaks a rule
+    (TypedMiss) the records are read again as text, so the flows and the quarantine (which
+    quotes raw values) are exactly the line path's; a clean file is read once. Values are
+    trimmed where the file has padding, as the line paths trim: a value means the same
+    whichever path its file takes. None: the file needs the line path."""
     with ThreadPoolExecutor(1, thread_name_prefix="nadray-padding") as pool:
-        scan = pool.submit(has_padding, data, start)
-        recs = fast_records(data, columns, sep, keep=USED, start=start, types=NUMBERS, nulls=CSV_NULLS)
+        scan = pool.submit(has_padding, data, start, end, sep)
+        recs = fast_records(data, columns, sep, keep=USED, start=start, end=end, types=NUMBERS, nulls=nulls)
         padded = scan.result()
-    return _convert_fast(recs, lambda: fast_records(data, columns, sep, keep=USED, start=start),
-                         source, CSV_NULLS, padded=padded)
-
-
-def _convert_fast(recs: Records | None, as_text: Callable[[], Records | None], source: str,
-                  nulls, padded: bool) -> ReadResult | None:
-    """Convert a fast path's records. Numbers and nulls read by the parse are used unless a
-    value breaks a rule (TypedMiss): then the records are read again as text, so the flows
-    and the quarantine (which quotes raw values) are exactly the line path's. A clean file
-    is read once."""
     if recs is not None and recs.typed:
         try:
             return _convert(recs, source, nulls=nulls, padded=padded)
         except TypedMiss:
-            recs = as_text()
+            recs = fast_records(data, columns, sep, keep=USED, start=start, end=end)
     if recs is None:
         return None
     return _convert(recs, source, nulls=nulls, padded=padded)
@@ -321,8 +313,8 @@ def _check_columns(columns: list[str], source: str) -> None:
                          f"(columns: {', '.join(columns[:12])}{', ...' if len(columns) > 12 else ''})")
 
 
-def _bool(v: Validator, arr: pa.Array, name: str, nulls, strip=pc.utf8_trim_whitespace) -> pa.Array:
-    arr = strip(arr)
+def _bool(v: Validator, arr: pa.Array, name: str, nulls) -> pa.Array:
+    arr = v.trim(arr)
     isnull = v.unset(arr, nulls)
     if pc.all(isnull).as_py():  # unset in the whole log, as in most captures: nothing to read
         return pa.nulls(len(arr), pa.bool_())
@@ -333,12 +325,11 @@ def _bool(v: Validator, arr: pa.Array, name: str, nulls, strip=pc.utf8_trim_whit
     return pc.if_else(t, True, pc.if_else(f, False, pa.scalar(None, pa.bool_())))
 
 
-def _zeek_label_detail(v: Validator, label: pa.Array, detail: pa.Array | None, nulls,
-                       strip=pc.utf8_trim_whitespace) -> pa.Array:
-    lab = v.optional_str(label, nulls)  # trimmed there where padded
+def _zeek_label_detail(v: Validator, label: pa.Array, detail: pa.Array | None, nulls) -> pa.Array:
+    lab = v.optional_str(label, nulls)
     if detail is None:
         return lab
-    det = strip(detail)
+    det = v.trim(detail)
     det_set = pc.invert(v.unset(det, nulls))
     joined = pc.binary_join_element_wise(pc.fill_null(lab, ""), det, ": ")
     return pc.if_else(det_set, joined, lab)
@@ -354,7 +345,6 @@ def _convert_rows(recs: Records, source: str, nulls, missing_ok: bool, padded: b
     t = recs.table
     n = t.num_rows
     v = Validator(n, trim=padded, typed=recs.typed)
-    strip = pc.utf8_trim_whitespace if padded else (lambda a: a)
     names = t.column_names
 
     def col(name):
@@ -379,11 +369,10 @@ def _convert_rows(recs: Records, source: str, nulls, missing_ok: bool, padded: b
         out[zname] = None if a is None else v.optional_str(a, nulls=nulls)
     for zname in ("local_orig", "local_resp"):
         a = col(zname)
-        out[zname] = None if a is None else _bool(v, a, zname, nulls, strip)
+        out[zname] = None if a is None else _bool(v, a, zname, nulls)
     lab = next((col(c) for c in LABEL_COLS if c in names), None)
     if lab is not None:
         det = next((col(c) for c in DETAIL_COLS if c in names), None)
-        text = _zeek_label_detail(v, lab, det, nulls, strip)
-        out["label_detail"] = text
-        out["label"] = map_labels(strip(lab), label_of_text)
+        out["label_detail"] = _zeek_label_detail(v, lab, det, nulls)
+        out["label"] = map_labels(v.trim(lab), label_of_text)
     return assemble(source, FORMAT, recs.read, recs.rows, out, v, recs.lines, recs.bad)
